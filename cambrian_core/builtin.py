@@ -1,0 +1,28 @@
+"""The core's own plugin: the composed model, runners, metrics, generators and the built-in config folder.
+
+It is reached through the ``cambrian.plugins`` entry point ``core`` exactly like any third-party plugin.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from cambrian_core.hookspecs import hookimpl
+
+#: modules whose ``register(registries)`` adds core components; each is imported only when discovery runs
+_COMPONENT_MODULES: list[str] = []
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@hookimpl
+def cambrian_register(registries: Any) -> None:
+    for name in _COMPONENT_MODULES:
+        importlib.import_module(name).register(registries)
+
+
+@hookimpl
+def cambrian_config_dirs() -> dict[str, str]:
+    return {"cambrian": str(CONFIG_DIR)} if CONFIG_DIR.is_dir() else {}

@@ -1,0 +1,73 @@
+"""The ``cambrian`` command line: one command, subcommands contributed by the core and by plugins."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main", "train_main"]
+
+#: core subcommand modules; each defines ``add_parser(subparsers)``
+_CORE_COMMANDS = [
+    "cambrian_core.cli.plugins_cmd",
+    "cambrian_core.cli.config_cmd",
+]
+
+
+def build_parser(strict: bool = False) -> argparse.ArgumentParser:
+    """The full parser: core subcommands plus every plugin's ``cambrian_cli_commands``."""
+    from cambrian_core import plugins
+
+    parser = argparse.ArgumentParser(
+        prog="cambrian",
+        description="Build, train, evaluate and serve Cambrian-style multimodal LLMs.",
+    )
+    parser.add_argument("--strict", action="store_true", help="fail when any plugin cannot be loaded")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _CORE_COMMANDS:
+        importlib.import_module(mod).add_parser(sub)
+    plugins.load_plugins(strict=strict).hook.cambrian_cli_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cambrian``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    strict = "--strict" in argv  # global flag, needed before the parser (which plugins extend) exists
+    logging.basicConfig(
+        level=logging.DEBUG if ("-v" in argv or "--verbose" in argv) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from cambrian_core.plugins import PluginError
+
+    try:
+        parser = build_parser(strict=strict)
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    from cambrian_core.config import ConfigError
+    from cambrian_core.registry import BuildError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, BuildError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``cambrian-train CONFIG ...``: the seed recipe's command, same as ``cambrian train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(["train", *argv])

@@ -1,0 +1,240 @@
+"""Typed schemas for a resolved config, checked in one pass that reports every problem at once.
+
+Two kinds of section exist:
+
+* plain sections (``data``, ``optim``, ``schedule`` ...) described by dataclasses: unknown keys are errors,
+  values are type-checked;
+* component sections (``model``, ``runner``): a dict with ``type`` naming a registered component, whose
+  keywords are checked against the component's signature. A component class may declare
+  ``config_components = {"param": "registry kind"}`` so nested component dicts are checked too, and a
+  ``check_config(kwargs) -> list[str]`` classmethod for cross-field checks (shapes, divisibility) that
+  run before any weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cambrian_core.registry import REGISTRIES, BuildError, check_kwargs, suggest
+
+__all__ = [
+    "SECTIONS",
+    "CheckpointSection",
+    "DataSection",
+    "LogSection",
+    "OptimSection",
+    "Problem",
+    "ScheduleSection",
+    "register_section",
+    "validate_tree",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where (dotted key) and what (with a suggestion when one exists)."""
+
+    key: str
+    message: str
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.key}: {self.message}"
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataSection:
+    """Training / evaluation data (LLaVA-format JSONL)."""
+
+    train: str | list[str] | None = None
+    val: str | list[str] | None = None
+    image_folder: str = "."
+    max_length: int = 2048
+    packing: bool = False
+    group_by_length: bool = True
+    batch_size: int = 1
+    num_workers: int = 0
+    val_fraction: float = 0.0
+    feature_cache: str | None = None
+
+
+@dataclass
+class OptimSection:
+    """Optimiser and per-module learning rates (``lr_groups`` maps a module prefix to its lr)."""
+
+    type: str = "AdamW"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] | list[float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_groups: dict[str, float] = field(default_factory=dict)
+    scale_lr_by_batch: bool = False
+    base_batch_size: int = 512
+
+
+@dataclass
+class ScheduleSection:
+    """Length and shape of the run."""
+
+    epochs: int = 1
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    eval_interval: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    """When and how checkpoints are written."""
+
+    interval: int = 500
+    keep_last: int = 2
+    save_optimizer: bool = True
+
+
+@dataclass
+class LogSection:
+    """What the run shows while it goes."""
+
+    interval: int = 10
+    tensorboard: bool = True
+    wandb: dict[str, Any] | None = None
+    plot: bool = True
+
+
+#: top-level key -> dataclass (plain section) or registry kind (component section) or a python type
+SECTIONS: dict[str, Any] = {
+    "model": "models",
+    "runner": "runners",
+    "data": DataSection,
+    "optim": OptimSection,
+    "schedule": ScheduleSection,
+    "checkpoint": CheckpointSection,
+    "log": LogSection,
+    "lora": dict,
+    "stage": str,
+    "work_dir": str,
+    "seed": int,
+    "resume": (str, bool, type(None)),
+    "load_from": (str, type(None)),
+    "eval": dict,
+    "convert": dict,
+    "serve": dict,
+}
+
+
+def register_section(name: str, spec: Any) -> None:
+    """Let a plugin add a top-level config section (a dataclass, a registry kind or a type)."""
+    if name in SECTIONS and SECTIONS[name] is not spec:
+        raise ValueError(f"config section `{name}` is already defined as {SECTIONS[name]!r}")
+    SECTIONS[name] = spec
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _type_ok(value: Any, hint: Any) -> bool:
+    """A lenient isinstance for the hints used in the sections above."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if hint is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _check_dataclass(spec: type, value: Any, key: str) -> list[Problem]:
+    if not isinstance(value, Mapping):
+        return [Problem(key, f"must be a dict of {spec.__name__} fields, got {type(value).__name__}")]
+    hints = typing.get_type_hints(spec)
+    names = [f.name for f in dataclasses.fields(spec)]
+    out = []
+    for k, v in value.items():
+        if k not in names:
+            hint = suggest(k, names)
+            did = f" did you mean `{hint}`?" if hint else ""
+            out.append(Problem(f"{key}.{k}", f"unknown key;{did} accepted: {', '.join(names)}"))
+        elif not _type_ok(v, hints[k]):
+            out.append(Problem(f"{key}.{k}", f"expected {_hint_name(hints[k])}, got {v!r}"))
+    return out
+
+
+def _hint_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+def check_component(kind: str, value: Any, key: str) -> list[Problem]:
+    """Check one component dict against its registry and signature, recursing into declared children."""
+    registry = REGISTRIES[kind]
+    if not isinstance(value, Mapping) or "type" not in value:
+        return [Problem(key, f"must be a dict with a `type` naming a registered {registry.kind}")]
+    kwargs = {k: v for k, v in value.items() if k != "type"}
+    try:
+        target = registry.lookup(value["type"])
+    except BuildError as exc:
+        return [Problem(f"{key}.type", str(exc))]
+    out = []
+    for msg in check_kwargs(target, kwargs, f"{registry.kind} {value['type']}"):
+        bad = msg.split("`")[3] if "unexpected keyword" in msg or "missing the required" in msg else None
+        out.append(Problem(f"{key}.{bad}" if bad else key, msg))
+    children = getattr(target, "config_components", {}) or {}
+    for param, child_kind in children.items():
+        child = kwargs.get(param)
+        if child is None:
+            continue
+        if isinstance(child, (list, tuple)):
+            for i, item in enumerate(child):
+                if isinstance(item, Mapping):
+                    out += check_component(child_kind, item, f"{key}.{param}[{i}]")
+        elif isinstance(child, Mapping):
+            out += check_component(child_kind, child, f"{key}.{param}")
+    checker = getattr(target, "check_config", None)
+    if callable(checker) and not out:
+        try:
+            out += [Problem(key, m) for m in checker(kwargs)]
+        except Exception as exc:  # a checker bug must still say where it happened
+            out.append(Problem(key, f"config check of {value['type']} raised {type(exc).__name__}: {exc}"))
+    return out
+
+
+def validate_tree(cfg: Mapping[str, Any]) -> list[Problem]:
+    """Every problem in a resolved config dict (without file attribution)."""
+    out: list[Problem] = []
+    for key, value in cfg.items():
+        if key.startswith("_"):
+            continue
+        spec = SECTIONS.get(key)
+        if spec is None:
+            hint = suggest(key, list(SECTIONS))
+            did = f" did you mean `{hint}`?" if hint else ""
+            out.append(
+                Problem(key, f"unknown top-level key;{did} known sections: {', '.join(sorted(SECTIONS))}")
+            )
+        elif isinstance(spec, str):
+            out += check_component(spec, value, key)
+        elif dataclasses.is_dataclass(spec):
+            out += _check_dataclass(spec, value, key)
+        elif not isinstance(value, spec):
+            out.append(Problem(key, f"expected {getattr(spec, '__name__', spec)}, got {value!r}"))
+    return out

@@ -1,0 +1,49 @@
+"""The LLM contract: an HF causal LM with its tokenizer and chat template, as the composed model needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cambrian_core.model.template import ChatTemplate
+
+__all__ = ["LanguageModel"]
+
+
+class LanguageModel(nn.Module):
+    """Wraps a transformers causal LM (``self.model``), its tokenizer and its chat template.
+
+    Plugins build one of these (from a local HF folder, a GGUF file or a tiny config) and the composed model
+    uses only what is below: the hidden size, the decoder layers (for in-LLM samplers and FSDP wrapping),
+    the token embedding, and the causal LM forward on ``inputs_embeds``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, template: ChatTemplate) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError(
+                f"{type(self).__name__}: the tokenizer has no pad token; set one in the LLM plugin"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the LLM's hidden states."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        return self.model.get_decoder().layers
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, L, hidden_size]``."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, **kwargs: Any) -> Any:
+        """The HF causal-LM forward (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``labels`` ...)."""
+        return self.model(**kwargs)
