@@ -52,6 +52,13 @@ class Connector(nn.Module, abc.ABC):
     #: decoder-layer indices after which in-LLM sampler ``k`` runs (``k`` = position in this tuple)
     sampler_layers: tuple[int, ...] = ()
 
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """Extra keywords (besides the four dims above) for a tiny instance; registry tests use it with
+        ``in_channels=[32, 48]``, ``in_token_lens=[16, 64]``, ``out_dim=64``, ``token_len=16`` unless the
+        class sets ``tiny_dims`` (a dict of those four) to something else."""
+        return {}
+
     @abc.abstractmethod
     def forward(
         self, features: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None

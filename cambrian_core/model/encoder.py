@@ -101,6 +101,16 @@ class VisionEncoder(nn.Module, abc.ABC):
             "token_len": self.token_len,
         }
 
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """Keywords that build a tiny, randomly initialised instance offline (registry-driven tests use it)."""
+        raise TypeError(f"{cls.__name__} must define the classmethod tiny_config() for the registry tests")
+
+    def architecture_config(self) -> dict[str, Any]:
+        """Keywords (without ``type``) that rebuild this exact architecture with no file or download, so a saved
+        model restores its towers from its own folder alone. Weight-path keywords must be left out."""
+        raise TypeError(f"{type(self).__name__} must define architecture_config() so saved models can restore it")
+
     # ------------------------------------------------------------------ provided
     @property
     def token_len(self) -> int:

@@ -30,6 +30,16 @@ class LanguageModel(nn.Module):
                 f"{type(self).__name__}: the tokenizer has no pad token; set one in the LLM plugin"
             )
 
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """Keywords that build a tiny randomly initialised instance offline (registry-driven tests use it)."""
+        raise TypeError(f"{cls.__name__} must define the classmethod tiny_config() for the registry tests")
+
+    def save_pretrained(self, folder: str) -> dict[str, Any]:
+        """Write what rebuilding needs besides the weights (HF ``config.json``, tokenizer files) to ``folder``
+        and return keywords (without ``type``) that rebuild this LLM from that folder with no weights loaded."""
+        raise TypeError(f"{type(self).__name__} must define save_pretrained(folder) so saved models can restore it")
+
     @property
     def hidden_size(self) -> int:
         """Width of the LLM's hidden states."""
