@@ -1,0 +1,27 @@
+"""Base class of QA generators (registered in ``GENERATORS``)."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+from cambrian_core.data.case import Case
+from cambrian_core.data.converter import Converter
+
+__all__ = ["Generator"]
+
+
+class Generator(abc.ABC):
+    """Turns a case and its rendered PNGs into LLaVA records."""
+
+    name: ClassVar[str]
+    prompt_version: str = "1"
+
+    @abc.abstractmethod
+    def generate(self, converter: Converter, case: Case, images: list[Path]) -> list[dict]:
+        """LLaVA records WITHOUT id/provenance.
+
+        Each is ``{"image": [...rel paths...] or str, "conversations": [...], "stage": "caption"|"instruct"}``;
+        the runner adds ``id`` and ``provenance``.
+        """
