@@ -1,0 +1,2 @@
+_base_ = ["./toy_leaf.py"]
+model = dict(hiden=32)

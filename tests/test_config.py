@@ -1,0 +1,143 @@
+"""Configs: inheritance, overrides, one-pass validation with file/key/suggestion, show and diff."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cambrian_core import CONNECTORS, MODELS
+from cambrian_core.cli.config_cmd import diff_configs, flatten
+from cambrian_core.config import ConfigError, load_config, parse_cfg_options
+from cambrian_core.plugins import ensure_loaded
+
+CFG = Path(__file__).parent / "data" / "configs"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ToyConnector:
+    def __init__(self, connector_depth: int = 3, num_query_group: int = 1) -> None:
+        self.depth = connector_depth
+
+    @classmethod
+    def check_config(cls, kwargs: dict) -> list[str]:
+        depth = kwargs.get("connector_depth", 3)
+        return [] if depth >= 1 else [f"connector_depth must be >= 1, got {depth}"]
+
+
+class ToyVLM:
+    config_components = {"connector": "connectors"}
+
+    def __init__(self, connector: dict, hidden: int = 64) -> None:
+        self.connector, self.hidden = connector, hidden
+
+
+@pytest.fixture(autouse=True)
+def toy_components():
+    ensure_loaded()
+    CONNECTORS.register_module(name="toy_connector", module=ToyConnector, force=True)
+    MODELS.register_module(name="toy_vlm", module=ToyVLM, force=True)
+    yield
+    for reg, name in ((CONNECTORS, "toy_connector"), (MODELS, "toy_vlm")):
+        reg._module_dict.pop(name, None)
+        reg.providers.pop(name, None)
+
+
+def test_base_merge_reference_and_override() -> None:
+    cfg = load_config(CFG / "toy_leaf.py")
+    assert cfg.model.connector == {"type": "toy_connector", "connector_depth": 2, "num_query_group": 1}
+    assert cfg.model.hidden == 64
+    assert cfg.schedule.epochs == 1  # {{_base_.schedule.grad_accum}}
+    assert cfg.schedule.warmup_ratio == 0.03
+    assert cfg.optim.lr_groups == {"projector": 1e-3, "sva": 1e-4}
+
+
+def test_delete_replaces_instead_of_merging() -> None:
+    cfg = load_config(CFG / "toy_delete.py")
+    assert cfg.optim.to_dict() == {"lr": 5e-5}
+
+
+def test_cfg_options_override_nested_and_literal() -> None:
+    cfg = load_config(
+        CFG / "toy_leaf.py", ["model.connector.connector_depth=5", "optim.lr_groups.sva=2e-4", "seed=7"]
+    )
+    assert cfg.model.connector.connector_depth == 5
+    assert cfg.optim.lr_groups.sva == 2e-4
+    assert cfg.seed == 7
+    assert parse_cfg_options(["a.b=[1, 2]", "c=abc", "d=True"]) == {"a.b": [1, 2], "c": "abc", "d": True}
+
+
+def test_misspelled_keys_reported_together_with_file_line_and_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CFG / "toy_typo.py")
+    msg = str(info.value)
+    assert "2 problem(s)" in msg
+    assert "toy_typo.py:3: model.connector.conector_depth" in msg
+    assert "did you mean `connector_depth`?" in msg
+    assert "toy_typo.py:5: schedule.warmup_ration: unknown key; did you mean `warmup_ratio`?" in msg
+
+
+def test_unknown_type_and_wrong_keyword() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.connector\.type: Unknown connector type `toy_conector`.*Did you mean `toy_connector`",
+    ):
+        load_config(CFG / "toy_unknown_type.py")
+    with pytest.raises(
+        ConfigError,
+        match=r"toy_bad_kwarg\.py:2: model\.hiden: `model toy_vlm` got an unexpected keyword `hiden` \(did you mean `hidden`\?\)",
+    ):
+        load_config(CFG / "toy_bad_kwarg.py")
+
+
+def test_component_cross_checks_run_before_build() -> None:
+    with pytest.raises(ConfigError, match="connector_depth must be >= 1, got 0"):
+        load_config(CFG / "toy_check.py")
+
+
+def test_bad_override_is_attributed_to_cfg_options() -> None:
+    with pytest.raises(
+        ConfigError, match=r"--cfg-options: schedule\.epoch: unknown key; did you mean `epochs`"
+    ):
+        load_config(CFG / "toy_leaf.py", ["schedule.epoch=3"])
+
+
+def test_unknown_top_level_section() -> None:
+    with pytest.raises(ConfigError, match="unknown top-level key; did you mean `schedule`"):
+        load_config(CFG / "toy_leaf.py", {"schedul": {"epochs": 2}})
+
+
+def test_missing_file() -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(CFG / "nope.py")
+
+
+def test_flatten_and_diff() -> None:
+    a = {"model": {"connector": {"depth": 3}, "towers": [{"t": "a"}, {"t": "b"}]}, "lr": 1}
+    b = {"model": {"connector": {"depth": 2}, "towers": [{"t": "a"}]}, "lr": 1, "new": True}
+    assert flatten(a)["model.towers[1].t"] == "b"
+    assert diff_configs(a, b) == [
+        ("model.connector.depth", 3, 2),
+        ("model.towers[1].t", "b", "<absent>"),
+        ("new", "<absent>", True),
+    ]
+
+
+def test_cli_show_and_diff() -> None:
+    # the toy components exist only in this process, so the CLI checks run on unvalidated loads
+    run = [sys.executable, "-m", "cambrian_core.cli", "config"]
+    show = subprocess.run(
+        [*run, "show", str(CFG / "toy_delete.py"), "--no-check"], capture_output=True, text=True
+    )
+    assert show.returncode == 0, show.stderr
+    assert "optim = dict(lr=5e-05)" in show.stdout
+    diff = subprocess.run(
+        [*run, "diff", str(CFG / "toy_leaf.py"), str(CFG / "toy_delete.py")], capture_output=True, text=True
+    )
+    assert diff.returncode == 0, diff.stderr
+    assert re.search(r"optim\.lr_groups\.sva\s+0\.0001 -> '<absent>'", diff.stdout), diff.stdout
+    bad = subprocess.run([*run, "show", str(CFG / "toy_typo.py")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean `warmup_ratio`" in bad.stderr

@@ -1,0 +1,121 @@
+"""Plugin discovery: entry points, providers, broken plugins, --strict, plugin config folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "cambrian_core.cli"]
+
+
+def _fake_dist(root: Path, name: str, module: str, source: str, ep_name: str) -> None:
+    """A minimal installed distribution on ``root`` (dist-info + entry point), no pip needed."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[cambrian.plugins]\n{ep_name} = {module}\n")
+
+
+def _run(args: list[str], extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if extra_path is not None:
+        env["PYTHONPATH"] = str(extra_path) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_fresh_interpreter_discovers_builtins_with_provider() -> None:
+    out = _run(["plugins", "list", "--json"])
+    assert out.returncode == 0, out.stderr
+    table = json.loads(out.stdout)["components"]
+    for kind in ("encoders", "connectors", "llms", "models", "templates", "datasets"):
+        assert table[kind], f"no built-in {kind} discovered"
+        for row in table[kind]:
+            assert row["provider"].startswith("cambrian "), row
+
+
+def test_broken_plugin_is_reported_and_others_still_load(tmp_path: Path) -> None:
+    _fake_dist(
+        tmp_path, "brokenplug", "brokenplug_mod", "raise RuntimeError('boom at import')\n", "brokenplug"
+    )
+    out = _run(["plugins", "list"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "FAILED  plugin `brokenplug` from brokenplug 0.3 failed: RuntimeError: boom at import" in out.stdout
+    )
+    assert "encoders (" in out.stdout and "cambrian 0.1.0" in out.stdout
+
+    strict = _run(["--strict", "plugins", "list"], tmp_path)
+    assert strict.returncode == 2
+    assert "brokenplug" in strict.stderr and "boom at import" in strict.stderr
+
+
+def test_plugin_registration_error_is_isolated(tmp_path: Path) -> None:
+    src = """
+    from cambrian_core import hookimpl
+
+    @hookimpl
+    def cambrian_register(registries):
+        raise ValueError("bad registration")
+    """
+    _fake_dist(tmp_path, "badreg", "badreg_mod", src, "badreg")
+    out = _run(["plugins", "list", "--json"], tmp_path)
+    data = json.loads(out.stdout)
+    assert any("badreg" in f and "bad registration" in f for f in data["failures"])
+    assert data["components"]["encoders"]
+
+
+def test_third_party_component_and_config_dir(tmp_path: Path) -> None:
+    cfg_dir = tmp_path / "thirdcfg"
+    (cfg_dir / "_base_").mkdir(parents=True)
+    (cfg_dir / "_base_" / "seed.py").write_text("seed = 1234\n")
+    src = f"""
+    from cambrian_core import hookimpl
+
+    class Thing:
+        def __init__(self, size: int = 2):
+            self.size = size
+
+    @hookimpl
+    def cambrian_register(registries):
+        registries.metrics.register_module(name="third_thing", module=Thing)
+
+    @hookimpl
+    def cambrian_config_dirs():
+        return {{"thirdparty": {str(cfg_dir)!r}}}
+    """
+    _fake_dist(tmp_path, "thirdparty", "thirdparty_mod", src, "thirdparty")
+    out = _run(["plugins", "list", "--kind", "metrics"], tmp_path)
+    assert "third_thing" in out.stdout and "thirdparty 0.3" in out.stdout
+    user_cfg = tmp_path / "user.py"
+    user_cfg.write_text("_base_ = ['thirdparty::_base_/seed.py']\nwork_dir = 'w'\n")
+    show = _run(["config", "show", str(user_cfg)], tmp_path)
+    assert show.returncode == 0, show.stderr
+    assert "seed = 1234" in show.stdout
+
+
+def test_help_lists_only_working_subcommands() -> None:
+    out = _run(["--help"])
+    assert out.returncode == 0
+    for cmd in ("plugins", "config"):
+        assert cmd in out.stdout
+    # every advertised subcommand answers --help without error
+    import re
+
+    listed = re.findall(r"^    ([a-z][a-z\-]+)\s{2,}\S", out.stdout, flags=re.M)
+    assert {"plugins", "config"} <= set(listed), out.stdout
+    for cmd in listed:
+        sub = _run([cmd, "--help"])
+        assert sub.returncode == 0, f"`cambrian {cmd} --help` failed: {sub.stderr}"
+
+
+@pytest.mark.parametrize("entry", ["cambrian", "cambrian-train"])
+def test_console_scripts_installed(entry: str) -> None:
+    exe = Path(sys.executable).with_name(entry)
+    assert exe.exists(), f"console script {entry} missing; reinstall with pip install -e ."
