@@ -55,6 +55,19 @@ def _scoped_cfg_path(cfg_path: str, filename: str) -> tuple[str, str | None]:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"base config `{cfg_path}` (from {filename}) does not exist: {path}")
             return path, None
+        import importlib.util
+
+        if importlib.util.find_spec(scope.split(".")[0]) is None:
+            raise ConfigError(
+                [
+                    Problem(
+                        "_base_",
+                        f"unknown config scope `{scope}` in `{cfg_path}`; known scopes: {', '.join(sorted(dirs)) or 'none'} "
+                        "(install the plugin that provides it; `cambrian config list` shows every scope)",
+                        filename,
+                    )
+                ]
+            )
     return _ORIG_GET_CFG_PATH(cfg_path, filename)
 
 
