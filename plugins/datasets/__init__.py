@@ -8,7 +8,9 @@ from typing import Any
 from cambrian_core import hookimpl
 
 #: family modules of this plugin; each defines ``register(registries)``
-FAMILIES: list[str] = []
+FAMILIES: list[str] = [
+    "bundled_demo",
+]
 
 
 @hookimpl
