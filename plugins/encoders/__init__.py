@@ -8,7 +8,15 @@ from typing import Any
 from cambrian_core import hookimpl
 
 #: family modules of this plugin; each defines ``register(registries)``
-FAMILIES: list[str] = []
+FAMILIES: list[str] = [
+    "siglip",
+    "clip",
+    "dinov2",
+    "convnext",
+    "timm_tower",
+    "efficientnet_lite0",
+    "open_clip_tower",
+]
 
 
 @hookimpl
