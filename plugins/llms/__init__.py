@@ -8,7 +8,7 @@ from typing import Any
 from cambrian_core import hookimpl
 
 #: family modules of this plugin; each defines ``register(registries)``
-FAMILIES: list[str] = []
+FAMILIES: list[str] = ["templates", "hf_chat", "hf_causal_lm", "llama3", "vicuna", "hermes_yi", "smollm2"]
 
 
 @hookimpl
