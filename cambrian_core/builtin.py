@@ -12,7 +12,9 @@ from typing import Any
 from cambrian_core.hookspecs import hookimpl
 
 #: modules whose ``register(registries)`` adds core components; each is imported only when discovery runs
-_COMPONENT_MODULES: list[str] = []
+_COMPONENT_MODULES: list[str] = [
+    "cambrian_core.data.generators",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
