@@ -253,6 +253,8 @@ def test_openai_caption_qa_records_and_native_caption(two_images: list[Path]) ->
         ("instruct", "model"),
     ]
     assert records[0]["conversations"][1]["value"] == "colon biopsy, high power"
+    assert [("usage" in r["provenance"]) for r in records] == [False, True, False]  # cost counted once per case
+    assert gen.prompt_version == "quilt.v1"
     assert records[1]["conversations"] == [
         {"from": "human", "value": "<image>\nDescribe the findings in this image."},
         {"from": "gpt", "value": "H&E section of colonic mucosa."},

@@ -14,6 +14,7 @@ __all__ = ["build_parser", "main", "train_main"]
 _CORE_COMMANDS = [
     "cambrian_core.cli.plugins_cmd",
     "cambrian_core.cli.config_cmd",
+    "cambrian_core.cli.data_cmd",
 ]
 
 

@@ -210,6 +210,8 @@ class OpenAIGenerator(Generator):
         if name not in self._templates:
             version = None if self.prompt_version == "latest" else self.prompt_version
             self._templates[name] = load_prompt(name, version)
+        # one run = one converter = one template: the runner stamps this tag into every record's provenance
+        self.prompt_version = self._templates[name].tag
         return self._templates[name]
 
     def stats(self) -> dict[str, Any]:
@@ -300,42 +302,22 @@ class OpenAIGenerator(Generator):
         parsed, info = self.ask(template, self.messages(template, case, images, references))
         n = len(images)
         image = _image_field(images)
-        prov = {
-            "prompt_version": template.tag,
-            "model": info["model"],
-            "usage": {k: info[k] for k in ("attempts", "prompt_tokens", "completion_tokens")},
-        }
+        prov: dict[str, Any] = {"origin": "model", "prompt_version": template.tag, "model": info["model"]}
         if retrieved:
             prov["retrieved"] = retrieved
-        records = []
+        out: list[tuple[str, list[tuple[str, str]], dict[str, Any]]] = []
         native = converter.caption(case) if self.native_captions else None
         if native:
-            conv = _conversation(n, [(_caption_question(n), native)])
-            records.append(
-                {
-                    "image": image,
-                    "conversations": conv,
-                    "stage": "caption",
-                    "provenance": {"origin": "source", "prompt_version": None},
-                }
-            )
+            out.append(("caption", [(_caption_question(n), native)], {"origin": "source"}))
         if "caption" in parsed:
-            conv = _conversation(n, [(_caption_question(n), parsed["caption"])])
-            records.append(
-                {
-                    "image": image,
-                    "conversations": conv,
-                    "stage": "caption",
-                    "provenance": {"origin": "model", **prov},
-                }
-            )
+            out.append(("caption", [(_caption_question(n), parsed["caption"])], dict(prov)))
         if parsed.get("qa"):
-            records.append(
-                {
-                    "image": image,
-                    "conversations": _conversation(n, parsed["qa"]),
-                    "stage": "instruct",
-                    "provenance": {"origin": "model", **prov},
-                }
-            )
-        return records
+            out.append(("instruct", parsed["qa"], dict(prov)))
+        # the API cost of the case is carried once, on its first model-made record, so summing `usage` over a
+        # records file gives the run's total
+        first_model = next(p for _, _, p in out if p["origin"] == "model")
+        first_model["usage"] = {k: info[k] for k in ("attempts", "prompt_tokens", "completion_tokens")}
+        return [
+            {"image": image, "conversations": _conversation(n, pairs), "stage": stage, "provenance": p}
+            for stage, pairs, p in out
+        ]
