@@ -14,7 +14,9 @@ __all__ = ["build_parser", "main", "train_main"]
 _CORE_COMMANDS = [
     "cambrian_core.cli.plugins_cmd",
     "cambrian_core.cli.config_cmd",
+    "cambrian_core.cli.convert_cmd",
     "cambrian_core.cli.data_cmd",
+    "cambrian_core.cli.train_cmd",
 ]
 
 

@@ -21,6 +21,8 @@ class Converter(abc.ABC):
     name: ClassVar[str]
     #: which versioned LLM prompt template the API generator uses for this source
     prompt_name: ClassVar[str] = "generic"
+    #: licence tag carried in every record's provenance (``None``: unknown, check the source's terms)
+    license: ClassVar[str | None] = None
 
     def __init__(self, src: str, views: Literal["single", "multi"] = "single", **options: Any) -> None:
         if views not in ("single", "multi"):
@@ -36,6 +38,13 @@ class Converter(abc.ABC):
     @abc.abstractmethod
     def iter_cases(self) -> Iterator[Case | Reject]:
         """Yield every unit of the source, in a stable order; cheap (no pixel decoding here)."""
+
+    def image_options(self, **defaults: Any) -> dict[str, Any]:
+        """``defaults`` for an ``ImageRef``'s options, the user's ``window`` option (if any) taking precedence."""
+        opts = dict(defaults)
+        if self.options.get("window") is not None:
+            opts["window"] = self.options["window"]
+        return opts
 
     def caption(self, case: Case) -> str | None:
         """Stage-1 caption text for ``case`` (``None``: no caption record)."""

@@ -10,6 +10,7 @@ from cambrian_core import hookimpl
 #: family modules of this plugin; each defines ``register(registries)``
 FAMILIES: list[str] = [
     "bundled_demo",
+    "dicom_folder",
 ]
 
 
