@@ -13,6 +13,8 @@ from cambrian_core.hookspecs import hookimpl
 
 #: modules whose ``register(registries)`` adds core components; each is imported only when discovery runs
 _COMPONENT_MODULES: list[str] = [
+    "cambrian_core.model.cambrian",
+    "cambrian_core.model.checkpoints",
     "cambrian_core.data.generators",
 ]
 

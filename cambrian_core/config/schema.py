@@ -6,7 +6,8 @@ Two kinds of section exist:
   values are type-checked;
 * component sections (``model``, ``runner``): a dict with ``type`` naming a registered component, whose
   keywords are checked against the component's signature. A component class may declare
-  ``config_components = {"param": "registry kind"}`` so nested component dicts are checked too, and a
+  ``config_components = {"param": "registry kind"}`` so nested component dicts are checked too (with
+  ``config_supplied = {"param": ("keyword", ...)}`` naming keywords it fills in for a child itself), and a
   ``check_config(kwargs) -> list[str]`` classmethod for cross-field checks (shapes, divisibility) that
   run before any weights load.
 """
@@ -184,8 +185,13 @@ def _hint_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
-def check_component(kind: str, value: Any, key: str) -> list[Problem]:
-    """Check one component dict against its registry and signature, recursing into declared children."""
+def check_component(kind: str, value: Any, key: str, supplied: tuple[str, ...] = ()) -> list[Problem]:
+    """Check one component dict against its registry and signature, recursing into declared children.
+
+    ``supplied`` names keywords the enclosing component passes itself (a parent declares them per child in
+    ``config_supplied = {"param": ("kw", ...)}``): they count as given, and the child's own ``check_config``
+    is left to the parent's, which fills them in (and reports them when the config sets them).
+    """
     registry = REGISTRIES[kind]
     if not isinstance(value, Mapping) or "type" not in value:
         return [Problem(key, f"must be a dict with a `type` naming a registered {registry.kind}")]
@@ -195,22 +201,25 @@ def check_component(kind: str, value: Any, key: str) -> list[Problem]:
     except BuildError as exc:
         return [Problem(f"{key}.type", str(exc))]
     out = []
-    for msg in check_kwargs(target, kwargs, f"{registry.kind} {value['type']}"):
+    given = {**dict.fromkeys(supplied), **kwargs}
+    for msg in check_kwargs(target, given, f"{registry.kind} {value['type']}"):
         bad = msg.split("`")[3] if "unexpected keyword" in msg or "missing the required" in msg else None
         out.append(Problem(f"{key}.{bad}" if bad else key, msg))
     children = getattr(target, "config_components", {}) or {}
+    filled = getattr(target, "config_supplied", {}) or {}
     for param, child_kind in children.items():
         child = kwargs.get(param)
         if child is None:
             continue
+        names = tuple(filled.get(param, ()))
         if isinstance(child, (list, tuple)):
             for i, item in enumerate(child):
                 if isinstance(item, Mapping):
-                    out += check_component(child_kind, item, f"{key}.{param}[{i}]")
+                    out += check_component(child_kind, item, f"{key}.{param}[{i}]", names)
         elif isinstance(child, Mapping):
-            out += check_component(child_kind, child, f"{key}.{param}")
+            out += check_component(child_kind, child, f"{key}.{param}", names)
     checker = getattr(target, "check_config", None)
-    if callable(checker) and not out:
+    if callable(checker) and not out and not supplied:
         try:
             out += [Problem(key, m) for m in checker(kwargs)]
         except Exception as exc:  # a checker bug must still say where it happened

@@ -106,6 +106,13 @@ class VisionEncoder(nn.Module, abc.ABC):
         """Keywords that build a tiny, randomly initialised instance offline (registry-driven tests use it)."""
         raise TypeError(f"{cls.__name__} must define the classmethod tiny_config() for the registry tests")
 
+    @classmethod
+    def config_dims(cls, kwargs: dict[str, Any]) -> dict[str, int | None]:
+        """``{"hidden_size", "token_len"}`` of the tower ``kwargs`` would build, as far as they are known without
+        building it (``None`` = unknown). The composed model's config check uses them before any weights load;
+        subclasses that can tell their width from the config override this."""
+        return {"hidden_size": None, "token_len": kwargs.get("token_len")}
+
     def architecture_config(self) -> dict[str, Any]:
         """Keywords (without ``type``) that rebuild this exact architecture with no file or download, so a saved
         model restores its towers from its own folder alone. Weight-path keywords must be left out."""

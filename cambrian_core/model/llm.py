@@ -35,6 +35,12 @@ class LanguageModel(nn.Module):
         """Keywords that build a tiny randomly initialised instance offline (registry-driven tests use it)."""
         raise TypeError(f"{cls.__name__} must define the classmethod tiny_config() for the registry tests")
 
+    @classmethod
+    def config_hidden_size(cls, kwargs: dict[str, Any]) -> int | None:
+        """Hidden size the LLM ``kwargs`` would build, when known without building it (``None`` = unknown).
+        The composed model's config check compares it with the connector before any weights load."""
+        return None
+
     def save_pretrained(self, folder: str) -> dict[str, Any]:
         """Write what rebuilding needs besides the weights (HF ``config.json``, tokenizer files) to ``folder``
         and return keywords (without ``type``) that rebuild this LLM from that folder with no weights loaded."""

@@ -1,0 +1,257 @@
+"""Save a composed model as one self-contained folder and load it back in one call.
+
+Folder layout::
+
+    cambrian_config.json                 the full model config: towers' architecture configs, connector,
+                                         LLM keywords (pointing into llm/), stage ...
+    llm/                                 the LLM's HF config + tokenizer files (no weights)
+    model-00001-of-0000N.safetensors     every weight (towers included), sharded
+    model.safetensors.index.json         weight_map (HF layout) + aliases of tied weights
+
+The folder is written next to its destination under a temporary name, fsynced, and renamed into place, so
+a crash never leaves a half-written model where a complete one is expected. Loading rebuilds the
+architecture from the folder alone (no hub, no original weight files) and the state dict round-trips bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cambrian_core.registry import ENCODERS, LLMS, MODELS, build
+
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "load_model", "load_weights", "read_config", "save_model"]
+
+CONFIG_NAME = "cambrian_config.json"
+INDEX_NAME = "model.safetensors.index.json"
+FORMAT_VERSION = 1
+_HERE = "model_dir://"  # prefix of saved paths that live inside the model folder
+
+
+def _type_name(registry: Any, value: Any) -> str:
+    """Registered name of a config ``type`` (a string already, or a registered class)."""
+    if isinstance(value, str):
+        return value
+    for name in registry.names():
+        if registry.get(name) is value:
+            return name
+    raise ValueError(
+        f"cannot save: {value!r} is not registered in the {registry.name} registry, so the saved config could "
+        "not rebuild it; register it through a plugin"
+    )
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    """Replace the ``old`` path prefix by ``new`` in every string of a nested config."""
+    if isinstance(value, Mapping):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relocate(v, old, new) for v in value]
+    if isinstance(value, str) and value.startswith(old):
+        return new + value[len(old) :].lstrip("/" + os.sep)
+    return value
+
+
+def saved_config(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """The full model config (LLM files written into ``folder/llm``), rebuildable with no other source."""
+    cfg = dict(model.model_config)
+    towers = []
+    for i, tower in enumerate(model.towers):
+        name = _type_name(ENCODERS, cfg["vision_tower_aux_list"][i]["type"])
+        towers.append({"type": name, **tower.architecture_config()})
+    cfg["vision_tower_aux_list"] = towers
+    cfg["vision_tower_aux_token_len_list"] = [t.token_len for t in model.towers]
+    llm_dir = folder / "llm"
+    llm_kwargs = model.llm.save_pretrained(str(llm_dir))
+    cfg["llm"] = {"type": _type_name(LLMS, cfg["llm"]["type"]), **_relocate(llm_kwargs, str(folder), _HERE)}
+    cfg["stage"] = model.stage
+    cfg["gradient_checkpointing"] = bool(model.gradient_checkpointing)
+    return {"type": "cambrian", **cfg}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tied duplicates (same storage, offset, shape, dtype) and copy other shared views."""
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    out, aliases = {}, {}
+    for name, t in state.items():
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(
+                f"cannot save `{name}`: it is on the meta device (weights were never materialised)"
+            )
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in storages:
+            t = t.clone()
+        storages.add(ptr)
+        out[name] = t.contiguous().cpu()
+    return out, aliases
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    tensors, aliases = _dedupe(state)
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    names = dict(split.filename_to_tensors)
+    if not split.is_sharded:  # keep one layout: always numbered files and an index
+        names = {"model-00001-of-00001.safetensors": names.popitem()[1]} if names else {}
+    weight_map = {}
+    for filename, keys in names.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map, "aliases": aliases}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "2GB") -> str:
+    """Write ``model`` (a ``CambrianModel``) to ``folder`` atomically; returns the folder path.
+
+    Args:
+        max_shard_size: largest safetensors shard (``"2GB"``, ``"500MB"`` or bytes); a tensor larger than
+            that gets a shard of its own.
+    """
+    dest = Path(folder).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        config = saved_config(model, tmp)
+        from cambrian_core import __version__
+
+        meta = {"format": "cambrian", "format_version": FORMAT_VERSION, "cambrian_version": __version__}
+        try:
+            text = json.dumps({**meta, "model": config}, indent=2)
+        except TypeError as exc:
+            raise ValueError(f"cannot save: the model config is not JSON-serialisable ({exc})") from exc
+        (tmp / CONFIG_NAME).write_text(text)
+        _write_weights(model.state_dict(), tmp, max_shard_size)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _fsync(tmp)
+        backup = None
+        if dest.exists():
+            backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, backup)
+        os.rename(tmp, dest)
+        _fsync(dest.parent)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(dest)
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The model config of a saved folder, with its inner paths made absolute."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved cambrian model: {CONFIG_NAME} is missing")
+    meta = json.loads(path.read_text())
+    version = meta.get("format_version")
+    if meta.get("format") != "cambrian" or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {version!r} is not readable by this cambrian "
+            f"(reads format 'cambrian' up to version {FORMAT_VERSION}); upgrade cambrian"
+        )
+    root = str(Path(folder).resolve())
+    return _relocate(meta["model"], _HERE, root + os.sep)
+
+
+def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder (tied aliases restored), on the CPU."""
+    folder = Path(folder)
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{folder}: {INDEX_NAME} is missing (not a saved cambrian model?)")
+    index = json.loads(index_path.read_text())
+    state: dict[str, torch.Tensor] = {}
+    for filename in sorted(set(index["weight_map"].values())):
+        shard = folder / filename
+        if not shard.is_file():
+            raise FileNotFoundError(f"{folder}: shard {filename} listed in {INDEX_NAME} is missing")
+        state.update(load_file(str(shard)))
+    missing = set(index["weight_map"]) - set(state)
+    if missing:
+        raise ValueError(f"{folder}: tensors {sorted(missing)[:5]} are in the index but not in their shards")
+    for alias, source in index.get("aliases", {}).items():
+        state[alias] = state[source]
+    return state
+
+
+def _match_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give each parameter / buffer the dtype it was saved in (so the copy is exact)."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name, saved in state.items():
+        t = named.get(name)
+        if t is not None and t.dtype != saved.dtype:
+            t.data = t.data.to(saved.dtype)
+
+
+def load_model(
+    path_or_name: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a model from a saved folder or a registered checkpoint name (see ``cambrian models list``).
+
+    Args:
+        path_or_name: a folder written by ``save_pretrained``, or a name in the ``CHECKPOINTS`` registry.
+        device: where to put the model (default: CPU).
+        dtype: cast every floating weight to this dtype after loading (default: as saved).
+        strict: every weight of the architecture must be in the folder and vice versa.
+
+    Returns:
+        The model, in eval mode.
+    """
+    from cambrian_core.model.checkpoints import resolve_folder
+
+    folder = resolve_folder(path_or_name)
+    config = read_config(folder)
+    state = load_weights(folder)
+    with torch.random.fork_rng(devices=[]):  # building initialises weights randomly: keep the caller's RNG
+        model = build(MODELS, config)
+    _match_dtypes(model, state)
+    result = model.load_state_dict(state, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "loading %s: %d missing and %d unexpected weights",
+            folder,
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+        )
+    if dtype is not None:
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
