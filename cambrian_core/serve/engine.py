@@ -1,0 +1,613 @@
+"""The inference engine: one loaded model, a request queue and one worker thread that batches requests.
+
+Every front end (CLI, LLaVA worker, OpenAI API, demo) submits requests here. A request object carries all of
+its own state (token ids, images, sampling settings, the text generated so far, its output channel); the model
+is only ever called from the engine's thread, and keeps nothing between calls, so concurrent clients cannot see
+each other's images or text (reference §G.4). Requests whose sampling settings agree are decoded together in
+one left-padded batch; each one stops on its own (end token, stop string, token budget, cancellation) and the
+batch ends as soon as all of them have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cambrian_core.model.template import IMAGE_TOKEN
+from cambrian_core.model.tokenize import (
+    IMAGE_TOKEN_INDEX,
+    MaskingError,
+    tokenize_conversation,
+    tokenizer_adds_bos,
+)
+from cambrian_core.serve.errors import RequestError
+
+__all__ = [
+    "EngineError",
+    "GenerationResult",
+    "InferenceEngine",
+    "RequestHandle",
+    "SamplingParams",
+    "add_image_markers",
+]
+
+log = logging.getLogger(__name__)
+
+#: longest answer a request may ask for (LLaVA capped at 1024 too)
+MAX_NEW_TOKENS_CAP = 4096
+
+
+class EngineError(RuntimeError):
+    """Generation failed inside the engine (the model raised); the request's stream ends with this."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. ``temperature <= 1e-3`` means greedy (LLaVA's rule)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    #: tokens generated before an end token may end the answer (vLLM's ``min_tokens``)
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or not (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP)
+        ):
+            raise RequestError(
+                f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {self.max_new_tokens!r}",
+                param="max_tokens",
+            )
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise RequestError(
+                f"temperature must be in [0, 2], got {self.temperature!r}", param="temperature"
+            )
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
+        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 8:
+            raise RequestError("stop must be up to 8 non-empty strings", param="stop")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise RequestError(
+                f"min_tokens must be an integer in 0..max_tokens ({self.max_new_tokens}), got {self.min_tokens!r}",
+                param="min_tokens",
+            )
+
+    @property
+    def do_sample(self) -> bool:
+        return float(self.temperature) > 1e-3
+
+    def batch_key(self) -> tuple[bool, float, float, int]:
+        """Requests with equal keys decode in one batch (the stop strings and budgets are per request)."""
+        if not self.do_sample:
+            return (False, 0.0, 1.0, self.min_tokens)
+        return (True, float(self.temperature), float(self.top_p), self.min_tokens)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a finished request produced. ``finish_reason``: ``stop`` | ``length`` | ``cancelled``."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None = None
+    duration: float = 0.0
+
+
+class _Channel:
+    """Thread-to-consumer queue usable from plain threads and from an asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._loop = loop
+        self._event = asyncio.Event() if loop is not None else None
+
+    def put(self, item: tuple[str, Any]) -> None:
+        self._q.put(item)
+        if self._loop is not None and self._event is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the client is gone
+                self._loop.call_soon_threadsafe(self._event.set)
+
+    def get(self, timeout: float | None) -> tuple[str, Any]:
+        return self._q.get(timeout=timeout)
+
+    async def aget(self) -> tuple[str, Any]:
+        if self._event is None:
+            raise RuntimeError("this request was submitted without an event loop; iterate it synchronously")
+        while True:
+            try:
+                return self._q.get_nowait()
+            except queue.Empty:
+                self._event.clear()
+            try:
+                return self._q.get_nowait()
+            except queue.Empty:
+                await self._event.wait()
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request's whole state (owned by the engine thread once submitted)."""
+
+    id: str
+    input_ids: list[int]
+    images: list[Image.Image]
+    params: SamplingParams
+    prompt_tokens: int
+    max_new_tokens: int
+    channel: _Channel
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    first_token: float | None = None
+    done: bool = False
+
+    def finish(self, text: str, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.channel.put(("delta", text[len(self.sent) :]))
+            self.sent = text
+        now = time.perf_counter()
+        ttft = None if self.first_token is None else self.first_token - self.submitted
+        result = GenerationResult(
+            self.sent, reason, self.prompt_tokens, len(self.tokens), ttft, now - self.submitted
+        )
+        self.channel.put(("done", result))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.channel.put(("error", exc))
+
+
+class RequestHandle:
+    """The client's side of a submitted request: iterate text deltas, then read ``result``."""
+
+    def __init__(self, request: _Request) -> None:
+        self._req = request
+        self._result: GenerationResult | None = None
+
+    @property
+    def id(self) -> str:
+        return self._req.id
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Positions the prompt takes (text tokens + image tokens)."""
+        return self._req.prompt_tokens
+
+    @property
+    def result(self) -> GenerationResult:
+        """The final result (only after the stream is exhausted, or after ``wait``)."""
+        if self._result is None:
+            raise RuntimeError("the request has not finished; iterate it or call wait() first")
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its stream ends with ``finish_reason="cancelled"``)."""
+        self._req.cancelled.set()
+
+    def _handle(self, kind: str, value: Any) -> str | None:
+        if kind == "delta":
+            return value
+        if kind == "done":
+            self._result = value
+            return None
+        raise EngineError(f"generation failed: {type(value).__name__}: {value}") from value
+
+    def __iter__(self) -> Iterator[str]:
+        return self.stream()
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text deltas as they are decoded (``timeout``: longest wait for the next one)."""
+        while self._result is None:
+            try:
+                kind, value = self._req.channel.get(timeout)
+            except queue.Empty:
+                self.cancel()
+                raise TimeoutError(f"no output for {timeout} s; request {self.id} cancelled") from None
+            delta = self._handle(kind, value)
+            if delta:
+                yield delta
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Async text deltas (the request must have been submitted with ``loop=``)."""
+        try:
+            while self._result is None:
+                kind, value = await self._req.channel.aget()
+                delta = self._handle(kind, value)
+                if delta:
+                    yield delta
+        finally:
+            if self._result is None:
+                self.cancel()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Consume the stream and return the result."""
+        for _ in self.stream(timeout):
+            pass
+        return self.result
+
+
+class _BatchDone(Exception):
+    """Raised from the streamer to end ``generate`` once every request of the batch has finished."""
+
+
+class _Router:
+    """A transformers streamer for a whole batch: routes each row's new token to its request."""
+
+    def __init__(self, engine: InferenceEngine, requests: list[_Request]) -> None:
+        self.engine = engine
+        self.requests = requests
+        self.stops = [engine.text_stops(r.params) for r in requests]
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() != 1:  # transformers first hands over the prompt ids ([B, L], empty with embeddings)
+            return
+        now = time.perf_counter()
+        for row, token in enumerate(value.tolist()):
+            req = self.requests[row]
+            if req.done:
+                continue
+            if req.cancelled.is_set():
+                req.finish(req.sent, "cancelled")
+                continue
+            if req.first_token is None:
+                req.first_token = now
+            if token in self.engine.stop_token_ids:
+                req.tokens.append(token)
+                req.finish(self.engine.decode(req.tokens), "stop")
+                continue
+            req.tokens.append(token)
+            self._emit(req, self.stops[row])
+            if not req.done and len(req.tokens) >= req.max_new_tokens:
+                req.finish(self.engine.decode(req.tokens), "length")
+        if all(r.done for r in self.requests):
+            raise _BatchDone
+
+    def _emit(self, req: _Request, stops: Sequence[str]) -> None:
+        text = self.engine.decode(req.tokens)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            req.finish(text[: min(hits)], "stop")
+            return
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character
+            return
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = text[: len(text) - hold]
+        if len(safe) > len(req.sent) and safe.startswith(req.sent):
+            req.channel.put(("delta", safe[len(req.sent) :]))
+            req.sent = safe
+
+    def end(self) -> None:
+        pass
+
+
+def add_image_markers(text: str, num_images: int) -> str:
+    """Put one ``<image>`` line per image in front of ``text`` unless it already has markers."""
+    if num_images and IMAGE_TOKEN not in text:
+        return "\n".join([IMAGE_TOKEN] * num_images + [text])
+    return text
+
+
+class InferenceEngine:
+    """Owns one model; queues, batches and streams generation requests.
+
+    Args:
+        model: a composed model (``prepare_images``, ``generate``, ``llm.tokenizer``, ``llm.template``).
+        name: the model name clients use.
+        max_batch_size: most requests decoded together.
+        max_queue: most requests waiting; more are refused with HTTP 503.
+        batch_wait: seconds the worker waits for more requests before starting a batch that is not full.
+        image_limits: see :class:`~cambrian_core.serve.images.ImageLimits` (count checked at submission).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        name: str = "cambrian",
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        batch_wait: float = 0.002,
+        max_images: int = 8,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait
+        self.max_images = max_images
+        self.tokenizer = model.llm.tokenizer
+        self.template = model.llm.template
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
+        self.stop_token_ids, self._template_text_stops = self._stop_tokens(self.template.stop_strings)
+        self.context_length = int(getattr(model.llm.model.config, "max_position_embeddings", 0) or 0) or 2**31
+        grid = int(getattr(model, "grid", 0) or 0)
+        #: positions one image may take at most (grid rows, each ending with a newline token)
+        self.image_tokens = grid * (grid + 1) if grid else int(getattr(model, "image_token_len", 0) or 0)
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._running = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self.start()
+
+    # ------------------------------------------------------------------ tokens
+    def _stop_tokens(self, strings: Sequence[str]) -> tuple[set[int], tuple[str, ...]]:
+        """Stop strings that are single special tokens become token ids; the rest stay strings."""
+        ids: set[int] = set()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            ids.add(int(eos))
+        gen_eos = getattr(getattr(self.model.llm.model, "generation_config", None), "eos_token_id", None)
+        for t in gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]:
+            if t is not None:
+                ids.add(int(t))
+        special = set(getattr(self.tokenizer, "all_special_tokens", [])) | set(
+            getattr(self.tokenizer, "get_added_vocab", dict)()
+        )
+        texts = []
+        for s in strings:
+            if s in special:
+                ids.add(int(self.tokenizer.convert_tokens_to_ids(s)))
+            elif s:
+                texts.append(s)
+        return ids, tuple(texts)
+
+    def text_stops(self, params: SamplingParams) -> tuple[str, ...]:
+        """The stop strings matched on decoded text for a request (template's + its own)."""
+        return tuple(dict.fromkeys(self._template_text_stops + tuple(params.stop)))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def count_tokens(self, text: str) -> int:
+        with self._tok_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize_messages(self, messages: Sequence[Mapping[str, Any]], num_images: int) -> list[int]:
+        """A conversation (``role`` / ``content`` with ``<image>`` markers) rendered with the model's template."""
+        try:
+            with self._tok_lock:
+                conv = tokenize_conversation(
+                    self.tokenizer, self.template, messages, add_generation_prompt=True, num_images=num_images
+                )
+        except MaskingError as exc:
+            raise RequestError(f"messages: {exc}", param="messages") from None
+        return conv.input_ids
+
+    def tokenize_prompt(self, prompt: str, num_images: int) -> list[int]:
+        """An already templated prompt (LLaVA workers receive these) with one ``<image>`` per image."""
+        parts = prompt.split(IMAGE_TOKEN)
+        if len(parts) - 1 != num_images:
+            raise RequestError(
+                f"the prompt has {len(parts) - 1} {IMAGE_TOKEN} marker(s) but {num_images} image(s) were sent; "
+                f"put one {IMAGE_TOKEN} where each image belongs",
+                param="prompt",
+            )
+        with self._tok_lock:
+            encoded = self.tokenizer(parts, add_special_tokens=False)["input_ids"]
+            bos = self.template.add_bos and tokenizer_adds_bos(self.tokenizer)
+        ids: list[int] = [int(self.tokenizer.bos_token_id)] if bos else []
+        for k, piece in enumerate(encoded):
+            if k:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(int(t) for t in piece)
+        return ids
+
+    def prompt_positions(self, input_ids: Sequence[int]) -> int:
+        """Positions the prompt takes once every image sentinel is expanded."""
+        n_img = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
+        return len(input_ids) - n_img + n_img * self.image_tokens
+
+    # ------------------------------------------------------------------ submission
+    def submit(
+        self,
+        input_ids: Sequence[int],
+        images: Sequence[Image.Image] = (),
+        params: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue one request; raises :class:`RequestError` for a bad or oversized one (nothing is queued).
+
+        The token budget is cut to what the context has left after the prompt.
+        """
+        params = params or SamplingParams()
+        images = list(images)
+        if len(images) > self.max_images:
+            raise RequestError(
+                f"too many images: {len(images)} were sent but at most {self.max_images} are accepted per request",
+                param="images",
+                code="too_many_images",
+            )
+        n_markers = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
+        if n_markers != len(images):
+            raise RequestError(f"{n_markers} image marker(s) in the prompt but {len(images)} image(s) sent")
+        positions = self.prompt_positions(input_ids)
+        room = self.context_length - positions
+        if room < 1:
+            raise RequestError(
+                f"the prompt needs {positions} positions ({len(images)} image(s) x {self.image_tokens} + text) "
+                f"but the model's context is {self.context_length}; shorten the prompt or send fewer images",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if self._stop.is_set():
+            raise RequestError("the engine is shutting down", status=503)
+        req = _Request(
+            id=f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}",
+            input_ids=[int(t) for t in input_ids],
+            images=images,
+            params=params,
+            prompt_tokens=positions,
+            max_new_tokens=min(params.max_new_tokens, room),
+            channel=_Channel(loop),
+        )
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise RequestError(
+                    f"the server is busy ({len(self._pending)} requests queued); retry later", status=503
+                )
+            self._pending.append(req)
+            self._cond.notify()
+        return RequestHandle(req)
+
+    def submit_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | str,
+        images: Sequence[Image.Image] = (),
+        params: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Template and queue a conversation (or one prompt string; markers are added for its images)."""
+        images = list(images)
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": add_image_markers(messages, len(images))}]
+        if len(images) > self.max_images:  # before tokenising a huge request
+            raise RequestError(
+                f"too many images: {len(images)} were sent but at most {self.max_images} are accepted per request",
+                param="images",
+                code="too_many_images",
+            )
+        return self.submit(self.tokenize_messages(messages, len(images)), images, params, loop)
+
+    def generate(
+        self, messages: Sequence[Mapping[str, Any]] | str, images: Sequence[Image.Image] = (), **params: Any
+    ) -> GenerationResult:
+        """Blocking convenience: answer ``messages`` about ``images``."""
+        return self.submit_chat(messages, images, SamplingParams(**params)).wait()
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting plus requests being decoded."""
+        with self._cond:
+            return len(self._pending) + self._running
+
+    # ------------------------------------------------------------------ worker thread
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=f"engine:{self.name}", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish the running batch, fail the queued requests, stop the thread."""
+        self._stop.set()
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for req in pending:
+            req.fail(EngineError("the engine shut down before this request ran"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _next_batch(self) -> list[_Request]:
+        with self._cond:
+            while not self._pending and not self._stop.is_set():
+                self._cond.wait(0.5)
+            if self._stop.is_set():
+                return []
+            if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size and self.batch_wait > 0:
+                self._cond.wait(self.batch_wait)
+            first = self._pending.popleft()
+            batch, key, keep = [first], first.params.batch_key(), collections.deque()
+            while self._pending and len(batch) < self.max_batch_size:
+                req = self._pending.popleft()
+                (batch if req.params.batch_key() == key else keep).append(req)
+            keep.extend(self._pending)
+            self._pending = keep
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            try:
+                live = []
+                for req in batch:
+                    if req.cancelled.is_set():
+                        req.finish("", "cancelled")
+                    else:
+                        live.append(req)
+                if live:
+                    self._run_batch(live)
+            finally:
+                with self._cond:
+                    self._running = 0
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            device = self._device()
+            images = [im for r in batch for im in r.images]
+            pixels, sizes = self.model.prepare_images(images) if images else (None, None)
+            if pixels is not None:
+                pixels = [p.to(device) for p in pixels]
+                sizes = sizes.to(device) if sizes is not None else None
+            width = max(len(r.input_ids) for r in batch)
+            pad = int(self.tokenizer.pad_token_id)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, r in enumerate(batch):  # left padding
+                ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
+                mask[i, width - len(r.input_ids) :] = 1
+            params = batch[0].params
+            with torch.inference_mode():
+                self.model.generate(
+                    ids.to(device),
+                    mask.to(device),
+                    pixel_values=pixels,
+                    image_sizes=sizes,
+                    max_new_tokens=max(r.max_new_tokens for r in batch),
+                    do_sample=params.do_sample,
+                    temperature=float(params.temperature) if params.do_sample else 1.0,
+                    top_p=float(params.top_p) if params.do_sample else 1.0,
+                    eos_token_id=sorted(self.stop_token_ids),
+                    min_new_tokens=params.min_tokens or None,
+                    streamer=_Router(self, batch),
+                )
+        except _BatchDone:
+            pass
+        except Exception as exc:
+            log.exception("generation failed for %d request(s)", len(batch))
+            for r in batch:
+                r.fail(exc)
+            return
+        for r in batch:  # generate stopped by its own budget / end tokens
+            if not r.done:
+                r.finish(self.decode(r.tokens), "length" if len(r.tokens) >= r.max_new_tokens else "stop")

@@ -1,0 +1,117 @@
+"""Choosing the device and dtype, naming a model, and loading what ``--model`` / ``--model-path`` points at.
+
+Accepted: a folder written by ``save_pretrained``, a registered checkpoint name (``cambrian models list``), or a
+Cambrian-1 Hugging Face folder (its ``config.json`` lists ``mm_vision_tower_aux_list``), which is imported on the
+fly by :mod:`cambrian_core.export.cambrian1` into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["is_cambrian1_folder", "load_for_serving", "model_display_name", "pick_device", "pick_dtype"]
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(flag: str = "auto") -> str:
+    """``auto`` -> ``cuda`` if available, else ``mps``, else ``cpu``; an explicit device must exist."""
+    flag = (flag or "auto").strip().lower()
+    if flag == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    kind = flag.split(":", 1)[0]
+    if kind not in DEVICES:
+        raise ValueError(f"--device {flag!r} is unknown; use one of {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: Metal (MPS) is not available here; use --device cpu or auto")
+    return flag
+
+
+def pick_dtype(flag: str, device: str) -> torch.dtype | None:
+    """``auto`` -> bfloat16 on CUDA, float16 on MPS, the saved dtype on CPU; else the named dtype."""
+    flag = (flag or "auto").strip().lower()
+    if flag == "auto":
+        kind = device.split(":", 1)[0]
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(kind)
+    if flag not in DTYPES:
+        raise ValueError(f"--dtype {flag!r} is unknown; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[flag]
+
+
+def model_display_name(path_or_name: str) -> str:
+    """The name clients use: a registered name as is; a folder's last component (``<parent>_checkpoint-N`` for
+    trainer checkpoint folders, as LLaVA names them)."""
+    p = Path(str(path_or_name).rstrip("/\\"))
+    if not p.exists():
+        return str(path_or_name)
+    if re.fullmatch(r"checkpoint-\d+", p.name):
+        return f"{p.parent.name}_{p.name}"
+    return p.name
+
+
+def is_cambrian1_folder(path: str | os.PathLike[str]) -> bool:
+    """A Hugging Face folder of a released Cambrian-1 model (not one of ours)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file() or (Path(path) / "cambrian_config.json").is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    archs = " ".join(data.get("architectures") or []).lower()
+    return "mm_vision_tower_aux_list" in data or "cambrian" in archs
+
+
+def _import_cambrian1(folder: Path) -> Any:
+    try:
+        exporter = importlib.import_module("cambrian_core.export.cambrian1")
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"{folder} is a Cambrian-1 Hugging Face folder, but this installation has no Cambrian-1 importer "
+            "(cambrian_core.export.cambrian1); convert it with `cambrian export` first"
+        ) from None
+    from cambrian_core.model.checkpoints import cache_dir
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    dst = cache_dir() / "imported" / f"{folder.name}-{key}"
+    if not (dst / "cambrian_config.json").is_file():
+        log.info("importing the Cambrian-1 folder %s into %s", folder, dst)
+        out = exporter.import_cambrian1(str(folder), str(dst))
+        if isinstance(out, torch.nn.Module):
+            return out
+    return dst
+
+
+def load_for_serving(path_or_name: str, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load a model for inference on ``device`` (see :func:`pick_device`), in eval mode."""
+    from cambrian_core.model.io import load_model
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    source: Any = path_or_name
+    p = Path(str(path_or_name)).expanduser()
+    if p.is_dir() and is_cambrian1_folder(p):
+        source = _import_cambrian1(p)
+        if isinstance(source, torch.nn.Module):
+            return source.to(device=dev, dtype=torch_dtype).eval() if torch_dtype else source.to(dev).eval()
+    elif p.is_dir():
+        source = str(p)
+    log.info("loading %s on %s (%s)", path_or_name, dev, torch_dtype or "saved dtype")
+    return load_model(str(source), device=dev, dtype=torch_dtype)
