@@ -8,7 +8,7 @@ from typing import Any
 from cambrian_core import hookimpl
 
 #: family modules of this plugin; each defines ``register(registries)``
-FAMILIES: list[str] = []
+FAMILIES: list[str] = ["sva", "mlp", "identity"]
 
 
 @hookimpl
