@@ -16,6 +16,10 @@ _COMPONENT_MODULES: list[str] = [
     "cambrian_core.model.cambrian",
     "cambrian_core.model.checkpoints",
     "cambrian_core.data.generators",
+    "cambrian_core.train.runners.single",
+    "cambrian_core.train.runners.fsdp",
+    "cambrian_core.train.runners.deepspeed",
+    "cambrian_core.train.runners.xla",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -52,11 +52,17 @@ class Problem:
 # ----------------------------------------------------------------------------------------------- sections
 @dataclass
 class DataSection:
-    """Training / evaluation data (LLaVA-format JSONL)."""
+    """Training / evaluation data (LLaVA-format JSONL, e.g. the ``records.jsonl`` of ``cambrian convert``).
+
+    ``batch_size`` is per device and micro-step; ``image_folder`` is the base of relative image paths (``None``:
+    the folder of each JSONL file); ``val`` is a held-out file, else ``val_fraction`` of ``train`` is held out;
+    ``feature_cache`` is a folder for frozen-tower features (shared across runs); ``pad_to_multiple_of`` rounds
+    the dynamic padding up (8 for tensor cores, 64+ on XLA).
+    """
 
     train: str | list[str] | None = None
     val: str | list[str] | None = None
-    image_folder: str = "."
+    image_folder: str | None = None
     max_length: int = 2048
     packing: bool = False
     group_by_length: bool = True
@@ -64,11 +70,15 @@ class DataSection:
     num_workers: int = 0
     val_fraction: float = 0.0
     feature_cache: str | None = None
+    pad_to_multiple_of: int = 1
 
 
 @dataclass
 class OptimSection:
-    """Optimiser and per-module learning rates (``lr_groups`` maps a module prefix to its lr)."""
+    """Optimiser and per-module learning rates (``lr_groups`` maps a module prefix to its lr).
+
+    ``scale_lr_by_batch`` applies the seed rule ``lr = lr * sqrt(global_batch / base_batch_size)`` to every lr.
+    """
 
     type: str = "AdamW"
     lr: float = 2e-5
@@ -82,36 +92,43 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    """Length and shape of the run."""
+    """Length and shape of the run (``max_steps`` > 0 overrides ``epochs``; ``scheduler``: cosine, linear,
+    constant, after ``warmup_ratio`` of the updates; ``eval_interval`` 0 = evaluate only at the end)."""
 
     epochs: int = 1
     max_steps: int = -1
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0
     grad_accum: int = 1
     clip_grad: float | None = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
     eval_interval: int = 0
+    eval_max_batches: int = 0
 
 
 @dataclass
 class CheckpointSection:
-    """When and how checkpoints are written."""
+    """When checkpoints are written (every ``interval`` updates and at the end), how many stay, and whether the
+    trained model is exported with ``save_pretrained`` to ``<work_dir>/model`` at the end."""
 
     interval: int = 500
     keep_last: int = 2
-    save_optimizer: bool = True
+    export: bool = True
 
 
 @dataclass
 class LogSection:
-    """What the run shows while it goes."""
+    """What the run shows while it goes (``peak_tflops``: MFU denominator per device; ``None`` = the spec sheet
+    of a known GPU, else a matmul measured at start)."""
 
     interval: int = 10
     tensorboard: bool = True
     wandb: dict[str, Any] | None = None
     plot: bool = True
+    mfu: bool = True
+    peak_tflops: float | None = None
 
 
 #: top-level key -> dataclass (plain section) or registry kind (component section) or a python type

@@ -1,0 +1,702 @@
+"""The training recipe: checks, then setup, then train, then cleanup; each step says what it does in the log.
+
+One readable loop for both stages of reference §C (``pretrain``: connector only; ``finetune``: connector +
+LLM), on any runner (``single``, ``fsdp``, ``deepspeed``, ``xla``). What runs where:
+
+* checks: the config is validated, the data files exist, the batch arithmetic adds up, the work dir is writable.
+* setup: seeds, the runner's processes, the model (stage freezing, LoRA, gradient checkpointing), the data
+  (lazy JSONL, per-tower transforms, feature cache), optimiser groups with per-module lrs, the schedule, resume.
+* train: gradient accumulation weighted by target tokens, clipping, NaN/inf stop, progress bar, periodic
+  held-out loss and checkpoints.
+* cleanup: the last checkpoint, the exported model (``save_pretrained``), the loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cambrian_core.config import check as check_config
+from cambrian_core.config.schema import (
+    CheckpointSection,
+    DataSection,
+    LogSection,
+    OptimSection,
+    ScheduleSection,
+)
+from cambrian_core.registry import MODELS, RUNNERS, build
+from cambrian_core.train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from cambrian_core.train.collate import Collator
+from cambrian_core.train.data import (
+    JsonlIndex,
+    LazySupervisedDataset,
+    SkipReport,
+    image_paths,
+    tower_transform,
+)
+from cambrian_core.train.feature_cache import FeatureCache, content_hash, human_bytes
+from cambrian_core.train.metrics import (
+    FlopsCounter,
+    MetricLogger,
+    NonFiniteLossError,
+    check_finite,
+    device_peak_flops,
+    plot_loss_curve,
+)
+from cambrian_core.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+from cambrian_core.train.sampler import GroupedBatchSampler
+
+__all__ = ["ImageTokenCounter", "RecordTokenizer", "TrainRecipe", "seed_everything"]
+
+log = logging.getLogger("cambrian.train")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RecordTokenizer:
+    """LLaVA record -> ``(input_ids, labels, num_images)`` with the template's exact target masking (picklable)."""
+
+    def __init__(self, tokenizer: Any, template: Any) -> None:
+        self.tokenizer, self.template = tokenizer, template
+
+    def __call__(self, record: dict[str, Any]) -> tuple[list[int], list[int], int]:
+        from cambrian_core.model.tokenize import messages_from_llava, tokenize_conversation
+
+        conv = tokenize_conversation(
+            self.tokenizer, self.template, messages_from_llava(record), num_images=len(image_paths(record))
+        )
+        return conv.input_ids, conv.labels, conv.num_images
+
+
+class ImageTokenCounter:
+    """Tokens one image of ``(width, height)`` occupies in the LLM sequence: the kept rows of the ``f x f``
+    grid, each with its newline (all ``f`` rows when the model does not unpad)."""
+
+    def __init__(self, grid: int, unpad: bool) -> None:
+        self.grid, self.unpad = grid, unpad
+
+    def __call__(self, width: int, height: int) -> int:
+        from cambrian_core.model.masks import real_extents
+
+        if not self.unpad:
+            return self.grid * (self.grid + 1)
+        r0, r1, c0, c1 = real_extents(torch.tensor([[width, height]]), self.grid)[0].tolist()
+        return (r1 - r0) * (c1 - c0 + 1)
+
+
+def _section(cls: type, cfg: Any, key: str) -> Any:
+    """A typed config section (the dataclass defaults are the only defaults; the schema already checked keys)."""
+    value = cfg.get(key) or {}
+    return cls(**dict(value))
+
+
+def _as_list(x: str | Sequence[str] | None) -> list[str]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, str) else list(x)
+
+
+class TrainRecipe:
+    """A training run from a resolved config.
+
+    Args:
+        cfg: the loaded config (mmengine ``Config``; see ``cambrian_core.config.load_config``).
+        config_path: the file it came from (names the work dir and attributes config problems).
+        work_dir: output folder (default: ``cfg.work_dir``, else ``work_dirs/<config name>``).
+        resume: ``auto`` (newest complete checkpoint, if any), a checkpoint folder, or ``None``.
+        dry_run: stop after setup (prints the plan: trainable modules, data, steps, lrs).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        config_path: str | os.PathLike | None = None,
+        work_dir: str | os.PathLike | None = None,
+        resume: str | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path) if config_path else None
+        name = self.config_path.stem if self.config_path else "run"
+        self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
+        self.resume = resume if resume is not None else cfg.get("resume")
+        self.dry_run = dry_run
+        self.data: DataSection = _section(DataSection, cfg, "data")
+        self.optim: OptimSection = _section(OptimSection, cfg, "optim")
+        self.sched: ScheduleSection = _section(ScheduleSection, cfg, "schedule")
+        self.ckpt: CheckpointSection = _section(CheckpointSection, cfg, "checkpoint")
+        self.logcfg: LogSection = _section(LogSection, cfg, "log")
+        self.seed = int(cfg.get("seed", 0))
+        self.skips = SkipReport()
+        self.history: list[dict[str, float]] = []
+        self.step = 0
+
+    # =============================================================================================== run
+    def run(self) -> dict[str, Any]:
+        """checks -> setup -> train -> cleanup; returns a summary (steps, last loss, paths)."""
+        self.checks()
+        self.setup()
+        if self.dry_run:
+            self.announce("dry run: stopping after setup")
+            self.runner.teardown()
+            return self.summary()
+        try:
+            self.train()
+        except NonFiniteLossError:
+            self.logger.close()
+            self.runner.teardown()
+            raise
+        self.cleanup()
+        return self.summary()
+
+    def announce(self, text: str) -> None:
+        if getattr(self, "runner", None) is None or self.runner.is_main:
+            log.info("== %s", text)
+
+    # =============================================================================================== checks
+    def checks(self) -> None:
+        """Everything that can be wrong before any weight loads, reported at once."""
+        self.announce(f"checks: config {self.config_path or '<in memory>'}")
+        check_config(self.cfg, str(self.config_path) if self.config_path else None)
+        problems = []
+        if "model" not in self.cfg:
+            problems.append("no `model` section")
+        train_files = _as_list(self.data.train)
+        if not train_files:
+            problems.append(
+                "data.train: no training file given (a records.jsonl written by `cambrian convert`)"
+            )
+        for f in train_files + _as_list(self.data.val):
+            if not Path(f).is_file():
+                problems.append(
+                    f"data file not found: {f} (run `cambrian convert ...` first or fix the path)"
+                )
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            problems.append(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+        for key, value in (
+            ("data.batch_size", self.data.batch_size),
+            ("schedule.grad_accum", self.sched.grad_accum),
+        ):
+            if value < 1:
+                problems.append(f"{key}={value} must be >= 1")
+        if self.sched.epochs < 1 and self.sched.max_steps <= 0:
+            problems.append("set schedule.epochs >= 1 or schedule.max_steps > 0")
+        stage = self.cfg.get("stage")
+        if stage is not None and stage not in ("pretrain", "finetune", "full"):
+            problems.append(f"stage={stage!r}; choose pretrain, finetune or full")
+        if problems:
+            raise ValueError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.work_dir, os.W_OK):
+            raise PermissionError(f"work dir {self.work_dir} is not writable; pass --work-dir")
+        free = shutil.disk_usage(self.work_dir).free
+        self.announce(f"checks passed; work dir {self.work_dir} ({human_bytes(free)} free)")
+
+    # =============================================================================================== setup
+    def setup(self) -> None:
+        self.announce("setup: runner")
+        seed_everything(self.seed)
+        self.runner = build(RUNNERS, self.cfg.get("runner") or {"type": "single"})
+        self.runner.setup()
+        self._setup_logging()
+        self.announce(
+            f"setup: {self.runner.name} runner, rank {self.runner.rank}/{self.runner.world_size} on {self.runner.device}"
+        )
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimization()
+        self._setup_resume()
+        self.logger = MetricLogger(
+            self.work_dir,
+            self.total_steps,
+            self.step,
+            enabled=self.runner.is_main and not self.dry_run,
+            tensorboard=self.logcfg.tensorboard,
+            wandb=self.logcfg.wandb,
+            config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
+        )
+
+    def _setup_logging(self) -> None:
+        if not self.runner.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+            return
+        handler = logging.FileHandler(self.work_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+        if hasattr(self.cfg, "dump"):
+            self.cfg.dump(str(self.work_dir / "config.py"))
+        tree = self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg)
+        (self.work_dir / "config.json").write_text(json.dumps(tree, indent=2, default=str))
+
+    def _setup_model(self) -> None:
+        from cambrian_core.train.lora import LoraSettings, apply_lora
+
+        self.announce("setup: model")
+        model = build(MODELS, self.cfg.model)
+        load_from = self.cfg.get("load_from")
+        if load_from:
+            self._load_from(model, Path(load_from))
+        stage = self.cfg.get("stage") or model.stage
+        if stage != model.stage:
+            self.announce(f"setup: stage `{stage}` (freezing)")
+            model.set_stage(stage, log_table=self.runner.is_main)
+        self.lora = LoraSettings.from_config(self.cfg.lora) if self.cfg.get("lora") else None
+        if self.lora is not None:
+            self.announce("setup: " + apply_lora(model, self.lora, self.runner.device))
+        if self.sched.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.cached = bool(self.data.feature_cache)
+        if self.cached:
+            trainable = [
+                i for i, t in enumerate(model.towers) if any(p.requires_grad for p in t.parameters())
+            ]
+            if trainable:
+                raise ValueError(
+                    f"data.feature_cache is set but stage `{stage}` trains towers {trainable}; cached features "
+                    "would go stale at the first update. Use the cache only with frozen towers (pretrain, or "
+                    "finetune with freeze=True towers)"
+                )
+        self.flops = FlopsCounter(model, cached_towers=self.cached) if self.logcfg.mfu else None
+        self.model = model
+
+    def _load_from(self, model: torch.nn.Module, path: Path) -> None:
+        """Initial weights: a saved model folder (``save_pretrained``) or a training checkpoint."""
+        from safetensors.torch import load_file
+
+        from cambrian_core.model.io import CONFIG_NAME, load_weights
+
+        if (path / CONFIG_NAME).is_file():
+            state = load_weights(path)
+        elif (path / "trainable.safetensors").is_file():
+            state = load_file(str(path / "trainable.safetensors"))
+        else:
+            raise FileNotFoundError(
+                f"load_from={path}: neither a saved model ({CONFIG_NAME}) nor a training checkpoint "
+                "(trainable.safetensors)"
+            )
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"load_from={path}: {len(result.unexpected_keys)} weights do not fit this model "
+                f"(e.g. {result.unexpected_keys[:3]}); is it the same architecture?"
+            )
+        self.announce(
+            f"setup: loaded {len(state)} tensors from {path} ({len(result.missing_keys)} kept from the config)"
+        )
+
+    def _setup_data(self) -> None:
+        self.announce("setup: data")
+        model, d = self.model, self.data
+        index_cache = self.work_dir / "index"
+        index = JsonlIndex(_as_list(d.train), cache_dir=index_cache)
+        counter = ImageTokenCounter(model.grid, model.unpad)
+        tokenize = RecordTokenizer(model.llm.tokenizer, model.llm.template)
+        transforms = [tower_transform(t) for t in model.towers]
+        common = dict(
+            tokenize=tokenize,
+            transforms=transforms,
+            image_tokens=counter,
+            max_length=d.max_length,
+            image_folder=d.image_folder,
+        )
+        if d.val:
+            val_index = JsonlIndex(_as_list(d.val), cache_dir=index_cache)
+            train_ids, val_ids = np.arange(len(index)), None
+        else:
+            perm = np.random.default_rng(self.seed).permutation(len(index))
+            n_val = round(len(index) * d.val_fraction)
+            val_index, train_ids, val_ids = index, np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        self.train_set = LazySupervisedDataset(index, subset=train_ids, **common)
+        self.val_set = (
+            LazySupervisedDataset(val_index, subset=val_ids, **common) if d.val or len(val_ids) else None
+        )
+        if self.cached:
+            caches = self._build_feature_caches([s for s in (self.train_set, self.val_set) if s is not None])
+            for s in (self.train_set, self.val_set):
+                if s is not None:
+                    s.feature_caches = caches
+        r = self.runner
+        self.sampler = GroupedBatchSampler(
+            self.train_set.lengths,
+            d.batch_size,
+            self.train_set.has_image,
+            d.group_by_length,
+            world_size=r.world_size,
+            rank=r.rank,
+            seed=self.seed,
+        )
+        collate = Collator(model.llm.tokenizer.pad_token_id, d.packing, d.max_length, d.pad_to_multiple_of)
+        self.collate = collate
+        self.loader = self._loader(self.train_set, self.sampler)
+        n_val = len(self.val_set) if self.val_set is not None else 0
+        self.announce(
+            f"setup: {len(self.train_set)} training samples ({int(self.train_set.has_image.sum())} with images), "
+            f"{n_val} held out; {len(self.sampler)} micro-batches of {d.batch_size} per rank per epoch; "
+            f"max_length {d.max_length}, packing {'on' if d.packing else 'off'}"
+        )
+
+    def _loader(self, dataset: LazySupervisedDataset, sampler: Any) -> torch.utils.data.DataLoader:
+        workers = self.data.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.runner.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed),  # never draws from the global RNG
+        )
+
+    def _build_feature_caches(self, datasets: list[LazySupervisedDataset]) -> list[FeatureCache]:
+        """One cache per tower; missing features are computed (main rank) after printing their size."""
+        self.announce(f"setup: feature cache at {self.data.feature_cache}")
+        items: dict[str, Path] = {}
+        for ds in datasets:
+            for i in range(len(ds)):
+                try:
+                    rec = ds.read_record(i)
+                except ValueError:
+                    continue
+                for rel in image_paths(rec):
+                    p = ds.resolve_image(i, rel)
+                    if p.is_file():
+                        items.setdefault(content_hash(p), p)
+        caches = [FeatureCache(self.data.feature_cache, t) for t in self.model.towers]
+        if self.runner.is_main:
+            for t, (tower, cache) in enumerate(zip(self.model.towers, caches, strict=True)):
+                status = cache.status(items)
+                for old in status.stale:
+                    log.warning(
+                        "feature cache %s belongs to other weights of %s: not used (delete it to free space)",
+                        old,
+                        cache.tower_class,
+                    )
+                if status.bad_shards:
+                    log.warning(
+                        "feature cache %s: shards %s are missing or truncated; rebuilding their images",
+                        cache.folder,
+                        status.bad_shards,
+                    )
+                if status.complete:
+                    self.announce(
+                        f"setup: tower {t} ({cache.tower_class}): all {status.cached} images cached in {cache.folder}"
+                    )
+                    continue
+                need = cache.estimate_bytes(len(status.missing))
+                free = shutil.disk_usage(Path(self.data.feature_cache).resolve().anchor).free
+                self.announce(
+                    f"setup: tower {t} ({cache.tower_class}): building {len(status.missing)} of {len(items)} images x "
+                    f"[{cache.token_len}, {cache.hidden_size}] bf16 = {human_bytes(need)} in {cache.folder} "
+                    f"({human_bytes(free)} free)"
+                )
+                if need > free:
+                    raise OSError(
+                        f"the feature cache needs {human_bytes(need)} but only {human_bytes(free)} is free"
+                    )
+                cache.build(
+                    {h: items[h] for h in status.missing}, partial(_encode_images, tower, self.runner.device)
+                )
+        self.runner.barrier()
+        return caches
+
+    def _setup_optimization(self) -> None:
+        self.announce("setup: optimiser and schedule")
+        o, s, r = self.optim, self.sched, self.runner
+        self.global_batch = self.data.batch_size * s.grad_accum * r.world_size
+        lr, groups = o.lr, dict(o.lr_groups)
+        if o.scale_lr_by_batch:
+            lr = scaled_lr(o.lr, self.global_batch, o.base_batch_size)
+            groups = {k: scaled_lr(v, self.global_batch, o.base_batch_size) for k, v in groups.items()}
+            self.announce(
+                f"setup: lr scaled by sqrt({self.global_batch}/{o.base_batch_size}): base {o.lr:g} -> {lr:g}"
+            )
+        self.updates_per_epoch = len(self.sampler) // s.grad_accum
+        if self.updates_per_epoch == 0:
+            raise ValueError(
+                f"one epoch has {len(self.sampler)} micro-batches per rank, fewer than schedule.grad_accum="
+                f"{s.grad_accum}; lower grad_accum or the batch size"
+            )
+        self.total_steps = s.max_steps if s.max_steps > 0 else s.epochs * self.updates_per_epoch
+
+        def make_optimizer(named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+            pg = param_groups(named, lr, groups, o.weight_decay)
+            if r.is_main:
+                for g in pg:
+                    n = sum(p.numel() for p in g["params"])
+                    log.info(
+                        "  param group %-32s lr %.2e  wd %g  %12s params",
+                        g["name"],
+                        g["lr"],
+                        g["weight_decay"],
+                        f"{n:,}",
+                    )
+            return build_optimizer(pg, o.type, o.betas, o.eps)
+
+        make_scheduler = partial(
+            build_scheduler,
+            total_steps=self.total_steps,
+            warmup_ratio=s.warmup_ratio,
+            kind=s.scheduler,
+            min_ratio=s.min_lr_ratio,
+        )
+        r.prepare(
+            self.model,
+            make_optimizer,
+            make_scheduler,
+            s.precision,
+            s.clip_grad,
+            s.grad_accum,
+            self.data.batch_size,
+        )
+        self.peak_flops, peak_from = device_peak_flops(r.device, s.precision, self.logcfg.peak_tflops)
+        self.announce(
+            f"setup: {self.total_steps} updates ({self.updates_per_epoch} per epoch) of global batch "
+            f"{self.global_batch} = {self.data.batch_size} x accum {s.grad_accum} x {r.world_size} rank(s); "
+            f"{s.precision}, MFU peak {self.peak_flops / 1e12:.2f} TFLOP/s ({peak_from})"
+        )
+
+    def _setup_resume(self) -> None:
+        r = self.runner
+        self.checkpoints = CheckpointManager(
+            self.work_dir / "checkpoints", self.ckpt.keep_last, r.is_main, r.barrier
+        )
+        folder = self.checkpoints.resolve(self.resume)
+        self.last_checkpoint: Path | None = folder
+        self.resume_rng = None
+        if folder is None:
+            if self.resume not in (None, False, "", "none"):
+                self.announce("setup: --resume auto found no complete checkpoint; starting from step 0")
+            return
+        self.announce(f"setup: resuming from {folder}")
+        r.load_state(folder)
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.history = list(state.get("history", []))
+        rng = folder / f"rng_rank{r.rank}.pt"
+        self.resume_rng = torch.load(rng, weights_only=True) if rng.is_file() else None
+
+    # =============================================================================================== train
+    def _windows(self) -> Iterator[list[dict[str, Any]]]:
+        """Micro-batch windows (one per update), epoch after epoch, starting at the sampler's position.
+
+        ``self.consumed`` is the number of micro-batches of the current epoch used once a window is handed out
+        (what a checkpoint stores); a trailing partial window of an epoch is dropped.
+        """
+        accum = self.sched.grad_accum
+        while True:
+            start = self.sampler.start_batch
+            it = iter(self.loader)
+            for w in range((self.updates_per_epoch * accum - start) // accum):
+                window = [next(it) for _ in range(accum)]
+                self.consumed = start + (w + 1) * accum
+                yield window
+            del it
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def train(self) -> None:
+        self.announce(f"train: steps {self.step + 1}..{self.total_steps}")
+        r, s = self.runner, self.sched
+        if self.resume_rng is not None:
+            restore_rng(self.resume_rng)  # last, so nothing in setup shifts the stream
+        r.model.train()
+        fallback: dict[str, Any] | None = None
+        self.consumed = self.sampler.start_batch
+        windows = self._windows()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            window = next(windows)
+            for b in window:
+                for sk in b["skipped"]:
+                    self.skips.add(sk)
+            # each micro-batch weighs its share of the update's target tokens over all ranks; ranks' gradients
+            # are averaged, hence the world size: the update equals one big batch's token-mean loss
+            local_targets = sum(b.get("num_target_tokens", 0) for b in window)
+            total_targets = float(r.all_reduce(torch.tensor([float(local_targets)]))[0]) / r.world_size
+            loss_sum, tokens, samples, flops = 0.0, 0, 0, 0.0
+            for k, batch in enumerate(window):
+                weight = batch.get("num_target_tokens", 0) / total_targets if total_targets else 0.0
+                if not batch["num_samples"]:  # every sample of this micro-batch was skipped
+                    if fallback is None:
+                        if r.world_size == 1:
+                            continue
+                        raise RuntimeError(
+                            "the first micro-batch of the run has no usable sample on this rank"
+                        )
+                    batch, weight = fallback, 0.0  # keeps ranks in lock-step; contributes no gradient
+                loss = r.forward(batch)
+                value = float(loss.detach().float().cpu())
+                bad = r.all_reduce(torch.tensor([0.0 if np.isfinite(value) else 1.0]), "max")
+                if bad.item():
+                    shown = value if not np.isfinite(value) else float("nan")
+                    check_finite(shown, self.step + 1, self.last_checkpoint, batch.get("indices"))
+                r.backward(loss * weight, last_micro=k == len(window) - 1)
+                if weight:
+                    fallback = batch
+                    loss_sum += value * batch["num_target_tokens"]
+                    tokens += batch["num_tokens"]
+                    samples += batch["num_samples"]
+                    if self.flops is not None:
+                        rows = batch["attention_mask"].sum(1).tolist()
+                        flops += self.flops.step_flops(batch["num_tokens"], rows, len(batch["image_sizes"]))
+            grad_norm = r.step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            totals = r.all_reduce(
+                torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
+            )
+            loss_avg = float(totals[0] / max(totals[1], 1.0))
+            values = {
+                "loss": loss_avg,
+                "lr": max(r.current_lrs().values()),
+                "grad_norm": grad_norm,
+                "samples_s": float(totals[3]) / dt,
+                "tokens_s": float(totals[2]) / dt,
+                "epoch": self.sampler.epoch + self.consumed / (self.updates_per_epoch * s.grad_accum),
+            }
+            if self.flops is not None:
+                values["mfu"] = float(totals[4]) / dt / (self.peak_flops * r.world_size)
+            self.history.append({"step": self.step, "loss": loss_avg})
+            self.logger.advance()
+            if self.step % self.logcfg.interval == 0 or self.step == 1 or self.step == self.total_steps:
+                self.logger.log(self.step, {**values, "skipped": float(self.skips.total)})
+                if self.skips.total:
+                    self.logger.message(f"step {self.step}: {self.skips.summary()}")
+            if s.eval_interval and self.step % s.eval_interval == 0 and self.val_set is not None:
+                self.evaluate()
+            if self.step % self.ckpt.interval == 0 and self.step < self.total_steps:
+                self.save()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted loss on the held-out split (all ranks)."""
+        r = self.runner
+        sampler = GroupedBatchSampler(
+            self.val_set.lengths,
+            self.data.batch_size,
+            self.val_set.has_image,
+            group_by_length=False,
+            shuffle=False,
+            world_size=r.world_size,
+            rank=r.rank,
+            drop_last=False,
+        )
+        r.model.eval()
+        loss_sum, count = 0.0, 0
+        for i, batch in enumerate(self._loader(self.val_set, sampler)):
+            if self.sched.eval_max_batches and i >= self.sched.eval_max_batches:
+                break
+            for sk in batch["skipped"]:
+                self.skips.add(sk)
+            if not batch["num_samples"]:
+                continue
+            loss = float(r.forward(batch).float().cpu())
+            loss_sum += loss * batch["num_target_tokens"]
+            count += batch["num_target_tokens"]
+        r.model.train()
+        totals = r.all_reduce(torch.tensor([loss_sum, float(count)]))
+        value = float(totals[0] / max(totals[1], 1.0))
+        self.logger.log(self.step, {"loss": value}, split="eval")
+        self.logger.message(f"step {self.step}: held-out loss {value:.4f}")
+        self.history.append({"step": self.step, "eval_loss": value})
+        return value
+
+    def save(self) -> Path:
+        """A complete checkpoint of the current step (atomic; see ``checkpoint``)."""
+        r = self.runner
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(self.consumed),
+            "history": self.history,
+            "skipped": dict(self.skips.counts),
+        }
+        rng = capture_rng()
+        cfg_json = json.dumps(
+            self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg), default=str
+        )
+
+        def write(tmp: Path) -> None:
+            r.save_state(tmp)
+            torch.save(rng, tmp / f"rng_rank{r.rank}.pt")
+            if r.is_main:
+                torch.save(state, tmp / "state.pt")
+                (tmp / "config.json").write_text(cfg_json)
+
+        folder = self.checkpoints.save(self.step, write)
+        self.last_checkpoint = folder
+        self.logger.message(f"step {self.step}: checkpoint {folder}")
+        return folder
+
+    # =============================================================================================== cleanup
+    def cleanup(self) -> None:
+        self.announce("cleanup: final checkpoint, evaluation, exported model, loss curve")
+        if self.val_set is not None:
+            self.evaluate()
+        self.save()
+        self.exported = self._export()
+        self.logger.close()
+        if self.runner.is_main:
+            if self.logcfg.plot:
+                title = f"{self.config_path.stem if self.config_path else 'run'} ({self.cfg.get('stage') or self.model.stage})"
+                png = plot_loss_curve(
+                    self.work_dir / "metrics.jsonl", self.work_dir / "loss_curve.png", title
+                )
+                if png:
+                    self.announce(f"cleanup: loss curve {png}")
+            self.announce(f"cleanup: {self.skips.summary()}")
+        self.runner.teardown()
+
+    def _export(self) -> str | None:
+        if not self.ckpt.export:
+            return None
+        from cambrian_core.train.lora import apply_lora, export_lora
+
+        adapt = finalize = None
+        if self.lora is not None:
+            settings = self.lora
+            adapt = partial(apply_lora, settings=settings)
+            finalize = partial(
+                export_lora, settings=settings, adapter_dir=str(self.work_dir / "lora_adapter")
+            )
+        out = self.runner.export(self.work_dir / "model", adapt, finalize)
+        if out:
+            self.announce(f"cleanup: model saved to {out} (load with cambrian_core.model.io.load_model)")
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "work_dir": str(self.work_dir),
+            "step": self.step,
+            "losses": [h["loss"] for h in self.history if "loss" in h],
+            "eval_losses": [h["eval_loss"] for h in self.history if "eval_loss" in h],
+            "skipped": dict(self.skips.counts),
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "model": getattr(self, "exported", None),
+        }
+
+
+def _encode_images(tower: torch.nn.Module, device: torch.device, paths: list[Path]) -> torch.Tensor:
+    """Tower features of image files (for the feature cache)."""
+    from PIL import Image
+
+    pixels = torch.stack([tower.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    tower_device = next(tower.parameters()).device
+    with torch.no_grad():
+        return tower(pixels.to(tower_device)).float().cpu()

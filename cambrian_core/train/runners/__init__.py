@@ -1,0 +1,1 @@
+"""Runners (``RUNNERS``): ``single``, ``fsdp``, ``deepspeed``, ``xla``; each module registers one."""

@@ -1,0 +1,138 @@
+"""Batch samplers: length-grouped (reference §C.4, done right) and resumable at any step.
+
+Both yield lists of dataset indices, one list per optimiser micro-step, for *this* rank only. The order of an
+epoch depends only on ``(seed, epoch)``, so a run that resumes with :meth:`GroupedBatchSampler.load_state_dict`
+replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GroupedBatchSampler"]
+
+
+class GroupedBatchSampler:
+    """Shuffled batches of ``batch_size`` indices per rank, optionally grouped by length and modality.
+
+    With ``group_by_length`` the epoch's permutation is cut into *mega-batches* of
+    ``world_size * batch_size * megabatch_mult`` samples of one modality (with / without image); each mega-batch is
+    sorted by length and cut into batches, and the batches are shuffled. Similar lengths then share a batch (little
+    padding) while the order stays random. Unlike the seed's sampler, leftovers are not dumped at the end of the
+    epoch and the modalities are never mixed inside a batch.
+
+    Args:
+        lengths: estimated sequence length of each sample (tokens, image tokens included).
+        batch_size: samples per rank per micro-step.
+        has_image: per sample, whether it carries an image (modality grouping); ``None`` = all the same.
+        world_size / rank: data-parallel layout; each rank gets its own slice of every global batch.
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+        drop_last: drop the final incomplete global batch (keeps ranks in lock-step; default).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        batch_size: int,
+        has_image: Sequence[bool] | np.ndarray | None = None,
+        group_by_length: bool = True,
+        shuffle: bool = True,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        megabatch_mult: int = 16,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.has_image = (
+            np.zeros(len(self.lengths), dtype=bool)
+            if has_image is None
+            else np.asarray(has_image, dtype=bool)
+        )
+        if len(self.has_image) != len(self.lengths):
+            raise ValueError("has_image and lengths must have the same length")
+        self.batch_size = batch_size
+        self.group_by_length = group_by_length
+        self.shuffle = shuffle
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.megabatch_mult = megabatch_mult
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0  # batches of the current epoch already consumed (resume)
+        if len(self) == 0:
+            raise ValueError(
+                f"{len(self.lengths)} samples cannot fill one global batch of {self.global_batch} "
+                f"(batch_size {batch_size} x world_size {world_size}); lower the batch size or add data"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per micro-step across all ranks."""
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self._global_batches(self.epoch, count_only=True))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch."""
+        self.epoch = epoch
+        self.start_batch = 0
+
+    def state_dict(self, consumed_batches: int) -> dict[str, int]:
+        """Position to resume from: the epoch and how many of its batches the trainer has consumed."""
+        return {"epoch": self.epoch, "consumed_batches": consumed_batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position (the next ``__iter__`` skips the consumed batches)."""
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.epoch = int(state["epoch"])
+        self.start_batch = int(state["consumed_batches"])
+
+    def _global_batches(self, epoch: int, count_only: bool = False) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed + epoch)
+        n = len(self.lengths)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        gb = self.global_batch
+        batches: list[np.ndarray] = []
+        for modality in (True, False):
+            idx = order[self.has_image[order] == modality]
+            if self.group_by_length and len(idx):
+                mega = gb * self.megabatch_mult
+                for start in range(0, len(idx), mega):
+                    chunk = idx[start : start + mega]
+                    chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                    batches += [chunk[i : i + gb] for i in range(0, len(chunk), gb)]
+            else:
+                batches += [idx[i : i + gb] for i in range(0, len(idx), gb)]
+        full = [b for b in batches if len(b) == gb]
+        partial = [b for b in batches if len(b) < gb]
+        if not self.drop_last and partial:
+            # merge the modality leftovers into trailing batches (padded by wrapping around the epoch)
+            rest = np.concatenate(partial)
+            while len(rest) % gb:
+                rest = np.concatenate([rest, order[: gb - len(rest) % gb]])
+            full += [rest[i : i + gb] for i in range(0, len(rest), gb)]
+        if count_only:
+            return full
+        if self.shuffle:
+            perm = rng.permutation(len(full))
+            full = [full[i] for i in perm]
+        return full
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._global_batches(self.epoch)
+        start, self.start_batch = self.start_batch, 0
+        for gbatch in batches[start:]:
+            # strided split keeps each rank's share of a length-sorted batch similar in length
+            yield gbatch[self.rank :: self.world_size].tolist()
