@@ -102,7 +102,9 @@ def check_conversation(messages: Sequence[Message], add_generation_prompt: bool 
             if i != 0:
                 raise MaskingError(f"turn {i} is a system turn; only the first turn may be one")
             start = 1
-        elif IMAGE_TOKEN in m.content and m.role != "user":
+        elif m.role == "assistant" and not m.content.strip():
+            raise MaskingError(f"turn {i} is an empty assistant reply")
+        if IMAGE_TOKEN in m.content and m.role != "user":
             raise MaskingError(
                 f"turn {i} ({m.role}) contains {IMAGE_TOKEN}; images may only appear in user turns"
             )

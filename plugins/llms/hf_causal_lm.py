@@ -24,7 +24,14 @@ from cambrian_core.registry import TEMPLATES, accepted_kwargs, build
 
 from ._tiny_tokenizer import tiny_tokenizer
 
-__all__ = ["DTYPES", "TINY_LLAMA", "HFCausalLM", "build_template", "register"]
+__all__ = [
+    "DTYPES",
+    "TINY_LLAMA",
+    "HFCausalLM",
+    "build_template",
+    "enable_gradient_checkpointing",
+    "register",
+]
 
 #: accepted ``dtype`` names
 DTYPES: dict[str, Any] = {
@@ -68,6 +75,15 @@ def build_template(
     if "tokenizer" in names:
         cfg.setdefault("tokenizer", tokenizer)
     return build(TEMPLATES, cfg)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute decoder activations in backward (non-reentrant), whatever the transformers version calls it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class HFCausalLM(LanguageModel):
@@ -142,7 +158,7 @@ class HFCausalLM(LanguageModel):
                 hf_config, dtype=torch_dtype, attn_implementation=attn_implementation
             )
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         spec = template if template is not None else self.default_template
         if spec is None:
             raise ValueError(f"{type(self).__name__}: choose a chat template with `template=`")
