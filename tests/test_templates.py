@@ -3,6 +3,8 @@ segments, masking errors and image-safe truncation."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from cambrian_plugins.llms.hermes_yi import HermesYiLM
 from cambrian_plugins.llms.llama3 import Llama3LM
@@ -20,7 +22,7 @@ from cambrian_core.model.tokenize import (
     tokenize_conversation,
     tokenizer_adds_bos,
 )
-from cambrian_core.registry import TEMPLATES, build
+from cambrian_core.registry import TEMPLATES, accepted_kwargs, build
 
 U1 = "<image>\nWhat does the chest X-ray show?"
 A1 = "No acute abnormality."
@@ -204,6 +206,22 @@ def test_generation_prompt_is_the_training_prefix(toks, name, compat):
         assert train.input_ids[: len(prompt)] == prompt.input_ids
         assert prompt.labels == train.labels[: len(prompt)]
         assert train.labels[len(prompt)] != IGNORE_INDEX  # the reply starts right after the prompt
+
+
+@pytest.mark.parametrize("name", TEMPLATES.names())
+def test_every_template_contract(toks, name):
+    """Registry-driven: replies train, images never do, the template survives pickling (DataLoader workers)."""
+    target = TEMPLATES.get(name)
+    kw = {"tokenizer": toks["smollm2"]} if "tokenizer" in accepted_kwargs(target)[0] else {}
+    tmpl = template(name, **kw)
+    conv = CONV[:2]
+    segments = tmpl.render(conv)
+    assert "".join(s.text for s in segments) == tmpl.render_text(conv)
+    trained = "".join(s.text for s in segments if s.train)
+    assert A1 in trained and "<image>" not in trained and U1 not in trained
+    assert tmpl.stop_strings and trained.endswith(tmpl.stop_strings[0])  # the reply's end token trains
+    clone = pickle.loads(pickle.dumps(tmpl))
+    assert clone.render(conv) == segments
 
 
 def test_stop_strings():
