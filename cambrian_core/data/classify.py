@@ -40,12 +40,12 @@ MODALITIES: list[tuple[str, str]] = [
     ("X-ray", r"x-?ray|radiograph|\bcxr\b|mammogra|fluoroscop|\bkub\b|panoramic radiograph"),
     ("Colonoscopy", r"colonoscop|endoscop|gastroscop|bronchoscop|cystoscop|laparoscop"),
     ("Dermatology", r"dermoscop|dermatoscop|skin lesion|cutaneous lesion"),
-    ("EM", r"electron microscop|\btem\b|\bsem\b|ultrastructur"),
+    ("EM", r"electron micro(?:scop|graph)|\btem\b|\bsem\b|ultrastructur"),
     ("Mitotic", r"mitotic figure|\bmitos[ie]s\b"),
     (
         "Pathology",
         r"\bh\s*&\s*e\b|\bhe stain|hematoxylin|haematoxylin|eosin|immunohistochem|\bihc\b|histolog|"
-        r"histopatholog|biopsy|cytolog|stained|staining|magnification|\bx\s?\d{2,3}\b|\d{2,3}\s?x\b",
+        r"histopatholog|biopsy|cytolog|stained|staining|magnification|micrograph|\bx\s?\d{2,3}\b|\d{2,3}\s?x\b",
     ),
     ("gross pathology", r"gross (?:specimen|appearance|pathology)|resected specimen|macroscopic|cut surface"),
     ("Optical Image", r"fluorescen|confocal|fundus|slit[- ]lamp|microscop"),
@@ -155,6 +155,20 @@ _DISEASE_TERMS = (
     "cardiomegaly",
     "atelectasis",
     "consolidation",
+    "hemangioma",
+    "haemangioma",
+    "cholangiocarcinoma",
+    "osteoma",
+    "osteosarcoma",
+    "lipoma",
+    "fibroma",
+    "myeloma",
+    "granuloma",
+    "sarcoidosis",
+    "bronchiectasis",
+    "pneumatosis",
+    "diverticulitis",
+    "endometriosis",
 )
 _DISEASE_RE = re.compile(
     r"\b(" + "|".join(sorted(map(re.escape, _DISEASE_TERMS), key=len, reverse=True)) + r")\b", re.I

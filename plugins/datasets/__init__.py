@@ -11,6 +11,11 @@ from cambrian_core import hookimpl
 FAMILIES: list[str] = [
     "bundled_demo",
     "dicom_folder",
+    "pmc_oa",
+    "quilt",
+    "eurorad",
+    "radiopaedia",
+    "llava",
 ]
 
 
