@@ -22,6 +22,7 @@ from cambrian_core.data.generators.openai_chat import GenerationError, OpenAIGen
 from cambrian_core.data.generators.structured import OutputError, output_schema, parse_output
 from cambrian_core.data.prompts import PromptError, available_prompts, load_prompt, parse_prompt
 from cambrian_core.data.retrieval import RetrievalIndex, read_corpus
+from cambrian_core.registry import GENERATORS
 
 # --------------------------------------------------------------------------------------------------------------
 # a local server speaking the chat-completions wire format
@@ -253,7 +254,11 @@ def test_openai_caption_qa_records_and_native_caption(two_images: list[Path]) ->
         ("instruct", "model"),
     ]
     assert records[0]["conversations"][1]["value"] == "colon biopsy, high power"
-    assert [("usage" in r["provenance"]) for r in records] == [False, True, False]  # cost counted once per case
+    assert [("usage" in r["provenance"]) for r in records] == [
+        False,
+        True,
+        False,
+    ]  # cost counted once per case
     assert gen.prompt_version == "quilt.v1"
     assert records[1]["conversations"] == [
         {"from": "human", "value": "<image>\nDescribe the findings in this image."},
@@ -275,7 +280,7 @@ def test_settings_from_env_never_overridden_by_empty(monkeypatch: pytest.MonkeyP
 
 
 def test_openai_registered_and_built_from_config() -> None:
-    from cambrian_core.registry import GENERATORS, build
+    from cambrian_core.registry import build
 
     gen = build(GENERATORS, {"type": "openai", "model": "m", "base_url": "http://x/v1", "max_concurrency": 2})
     assert isinstance(gen, OpenAIGenerator) and gen.client.url == "http://x/v1/chat/completions"
@@ -432,3 +437,57 @@ def test_rag_with_minilm_puts_passage_in_prompt_and_provenance(
     assert retrieved[0]["score"] > retrieved[1]["score"]
     sent = api.requests[0]["json"]["messages"][1]["content"][0]["text"]
     assert "Relevant medical guidelines and reference cases" in sent and "portal venous washout" in sent
+
+
+# -- through the resumable runner -----------------------------------------------------------------------------------
+
+
+def test_openai_generator_through_runner_resumes_failed_cases(tmp_path: Path) -> None:
+    import pickle
+
+    from cambrian_core.data.records import iter_records
+    from cambrian_core.data.runner import convert
+    from cambrian_core.registry import DATASETS, build
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "set"
+    src.mkdir()
+    rows = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"Scan {i}."}]
+        rows.append(json.dumps({"id": f"r{i}", "image": f"{i}.png", "conversations": conv}))
+    (src / "set.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    good = reply(completion(json.dumps({"qa": [{"question": "Modality?", "answer": "CT."}]}), 50, 7))
+    out = tmp_path / "out"
+
+    def run(script: list[dict]) -> Any:
+        with FakeAPI(script) as api:
+            gen = build(
+                GENERATORS,
+                {
+                    "type": "openai",
+                    "model": "m",
+                    "base_url": api.url,
+                    "api_key": "k",
+                    "max_reasks": 0,
+                    "max_retries": 0,
+                    "native_captions": False,
+                },
+            )
+            assert pickle.loads(pickle.dumps(gen)).base_url == api.url  # spawn-safe for worker processes
+            return convert(build(DATASETS, {"type": "llava", "src": str(src)}), gen, out, progress=False)
+
+    first = run([good, reply(completion("not json"))])  # r1's reply is unusable
+    assert (first.converted, first.failed) == (1, 1)
+    second = run([good])  # rerun: only the failed case is asked again
+    assert (second.converted, second.failed) == (1, 0) and second.skipped == {"already_done": 1}
+    records = [r for _, r in iter_records(out / "records.jsonl")]
+    assert sorted(r["id"] for r in records) == ["llava:r0:0", "llava:r1:0"]
+    prov = records[0]["provenance"]
+    assert (prov["generator"], prov["prompt_version"], prov["source"]) == ("openai", "generic.v1", "llava")
+    assert sum(r["provenance"]["usage"]["prompt_tokens"] for r in records) == 100
+    assert records[0]["conversations"] == [
+        {"from": "human", "value": "<image>\nModality?"},
+        {"from": "gpt", "value": "CT."},
+    ]
