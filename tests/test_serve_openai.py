@@ -18,7 +18,7 @@ def engine(tmp_path_factory):
     from cambrian_core.model.io import load_model
     from cambrian_core.serve.engine import InferenceEngine
 
-    folder = save_tiny_model(tmp_path_factory.mktemp("api") / "tiny-a", seed=0)
+    folder = save_tiny_model(tmp_path_factory.mktemp("api") / "tiny-a", seed=2)
     eng = InferenceEngine(load_model(folder), name="tiny-a", max_batch_size=4, max_images=2)
     yield eng
     eng.shutdown()
