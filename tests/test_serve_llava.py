@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import httpx
@@ -105,7 +106,7 @@ def test_stream_through_the_controller_follows_the_llava_wire_format(cluster):
         assert len(chunks) >= 3 and all(c["error_code"] == 0 for c in chunks)
         assert all(c["text"].startswith(prompt) for c in chunks)  # LLaVA echoes the prompt, cumulatively
         texts = [c["text"][len(prompt) :] for c in chunks]
-        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
         from cambrian_core.serve.images import image_from_bytes
 
         direct = worker.engine.generate(
@@ -205,7 +206,7 @@ def test_expiry_drops_a_silent_worker_and_a_heartbeat_re_registers_it():
 
 
 def test_refresh_drops_workers_that_no_longer_answer(cluster):
-    url, controller, _ = cluster
+    url, _controller, _ = cluster
     post(
         url,
         "/register_worker",
