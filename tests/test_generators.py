@@ -190,7 +190,10 @@ def test_openai_retries_reasks_and_accounts(two_images: list[Path]) -> None:
     assert rec["stage"] == "instruct"
     assert rec["image"] == [p.as_posix() for p in two_images]
     conv = rec["conversations"]
-    assert conv[0] == {"from": "human", "value": "<image>\n<image>\nQ0?"}
+    assert conv[0] == {
+        "from": "human",
+        "value": "<image>\n<image>\nThe images are, in order: axial CT, coronal CT.\nQ0?",
+    }
     assert [t["from"] for t in conv] == ["human", "gpt"] * 6 and conv[-1]["value"] == "A5."
     prov = rec["provenance"]
     assert prov["prompt_version"] == "eurorad.v1" and prov["model"] == "test-model-2026"

@@ -206,7 +206,10 @@ def render_grid(records: list[dict[str, Any]], root: Path, out: Path, cols: int 
                     raise FileNotFoundError("text-only record")
                 with Image.open(root / p if not Path(p).is_absolute() else p) as im:
                     thumb = im.convert("RGB")
-                    thumb.thumbnail((width, cell))
+                scale = min(width / thumb.width, cell / thumb.height)  # small images are enlarged too
+                thumb = thumb.resize(
+                    (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+                )
                 sheet.paste(thumb, (box[0] + (width - thumb.width) // 2, y0 + (cell - thumb.height) // 2))
             except (OSError, ValueError) as exc:
                 draw.rectangle(box, fill=(220, 220, 220))

@@ -25,8 +25,8 @@ from cambrian_core.data.generators.structured import (
     parse_output,
     schema_instructions,
 )
+from cambrian_core.data.generators.template import image_prefix
 from cambrian_core.data.prompts import PromptTemplate, load_prompt
-from cambrian_core.model.template import IMAGE_TOKEN
 
 __all__ = ["GenerationError", "OpenAIGenerator", "case_context", "image_data_url"]
 
@@ -84,11 +84,10 @@ def _image_field(images: list[Path]) -> str | list[str]:
     return paths[0] if len(paths) == 1 else paths
 
 
-def _conversation(n_images: int, pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+def _conversation(prefix: str, pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     conv = []
     for i, (q, a) in enumerate(pairs):
-        prefix = f"{IMAGE_TOKEN}\n" * n_images if i == 0 else ""
-        conv += [{"from": "human", "value": prefix + q}, {"from": "gpt", "value": a}]
+        conv += [{"from": "human", "value": (prefix if i == 0 else "") + q}, {"from": "gpt", "value": a}]
     return conv
 
 
@@ -318,6 +317,11 @@ class OpenAIGenerator(Generator):
         first_model = next(p for _, _, p in out if p["origin"] == "model")
         first_model["usage"] = {k: info[k] for k in ("attempts", "prompt_tokens", "completion_tokens")}
         return [
-            {"image": image, "conversations": _conversation(n, pairs), "stage": stage, "provenance": p}
+            {
+                "image": image,
+                "conversations": _conversation(image_prefix(case, n), pairs),
+                "stage": stage,
+                "provenance": p,
+            }
             for stage, pairs, p in out
         ]
