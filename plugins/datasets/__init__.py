@@ -11,6 +11,10 @@ from cambrian_core import hookimpl
 FAMILIES: list[str] = [
     "bundled_demo",
     "dicom_folder",
+    "padchest",
+    "deeplesion",
+    "lld_mmri",
+    "mama_mia",
     "pmc_oa",
     "quilt",
     "eurorad",
