@@ -296,7 +296,10 @@ def test_cli_filter_mix_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert report["kept"] == 4 and report["dropped"] == {"duplicate": 1, "json": 1}
 
     out = tmp_path / "mix" / "mix.jsonl"
-    assert main(["data", "mix", "--input", f"euro={clean}:1", "--out", str(out), "--total", "3", "--seed", "1"]) == 0
+    assert (
+        main(["data", "mix", "--input", f"euro={clean}:1", "--out", str(out), "--total", "3", "--seed", "1"])
+        == 0
+    )
     assert "wrote 3 records" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "mix" / "mix.manifest.json").read_text())
     assert manifest["sources"]["euro"]["selected"] == 3 and manifest["by_stage"] == {"caption": 3}
