@@ -4,13 +4,14 @@ Parameters and their state-dict names are the reference's (``proj_context``, ``p
 ``proj_out.linear_{1,2}``, ``cross_attn.{q,k_<t>,v_<t>}_proj.{0,1}``, ``cross_attn.o_proj``,
 ``pos_embed_<t>``). Only the arithmetic is rearranged, exactly up to float rounding:
 
-* ``LayerNorm -> Linear`` for k and v is folded into a normalisation without affine (shared by k and v,
-  and by every layer for towers without a positional embedding) followed by one Linear whose weight and
-  bias absorb the LayerNorm's scale and shift.
-* For towers with windows larger than one key (``r > 1``) no per-key K/V is ever formed: the per-head query
-  is taken into the key space (``q_h W_k,h``) and the attention-weighted window sum is projected by
-  ``W_v,h`` afterwards. That costs O(query cells x C^2) instead of O(keys x C^2), i.e. 576 rows instead of
-  9216 for the Cambrian-8B ConvNeXt tower, in every layer and every in-LLM sampler.
+* Towers with one key per query cell (window side ``r = 1``) are projected as the reference does: each
+  map has as many rows as there are query cells.
+* Towers with ``R = r*r > 1`` keys per cell never get per-key K/V. ``k = LN(p + pos) W_k^T`` is linear
+  in ``LN(p + pos)``, so the per-head query is taken into the key space (``u = (W_k diag(gamma_k))^T q``)
+  and the LayerNorm is applied through the row statistics of ``p + pos``, derived from statistics of
+  ``p`` cached once per forward and ``p . pos``; on the value side the attention-weighted raw window rows
+  are summed first and the sum is projected. That costs O(query cells x C^2) instead of O(keys x C^2)
+  (576 rows instead of 9216 for the Cambrian-8B ConvNeXt tower) in every layer and in-LLM sampler.
 * When every query cell starts from the same vector (first layer of a query group), ``proj_in``,
   ``q_proj`` and the query side of the scores are computed once per image and broadcast.
 """
@@ -18,6 +19,7 @@ Parameters and their state-dict names are the reference's (``proj_context``, ``p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ class TowerWindows:
 
     side: int  #: query grid side q
     windows: list[torch.Tensor]  #: per tower ``[N_img, q*q, r_t*r_t, C]`` (window rows row-major)
-    normed: list[torch.Tensor | None]  #: ``layer_norm`` without affine of ``windows`` where ``r_t == 1``
+    stats: list[tuple[torch.Tensor, torch.Tensor] | None]  #: (var, mean) of each window row where ``r_t > 1``
     mask: torch.Tensor | None  #: ``[N_img, q*q, sum_t r_t^2]`` bool (True = attend); ``None`` = all real
 
 
@@ -59,7 +61,7 @@ def make_windows(
     Windows that lie entirely in padding are un-masked (as in the reference) so no softmax row is empty.
     """
     wins = [_window(p, side) for p in maps]
-    normed = [F.layer_norm(w, w.shape[-1:], eps=LN_EPS) if w.shape[2] == 1 else None for w in wins]
+    stats = [None if w.shape[2] == 1 else torch.var_mean(w.float(), dim=-1, unbiased=False) for w in wins]
     mask = None
     if masks is not None and any(m is not None for m in masks):
         parts = [
@@ -68,7 +70,7 @@ def make_windows(
         ]
         mask = torch.cat(parts, dim=-1)
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return TowerWindows(side, wins, normed, mask)
+    return TowerWindows(side, wins, stats, mask)
 
 
 def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,19 +78,11 @@ def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
     norm, lin = proj[0], proj[1]
     weight, bias = lin.weight, lin.bias
     if norm.bias is not None:
-        shift = (weight * norm.bias).sum(-1)  # elementwise: stays fp32 under autocast
+        shift = torch.mv(weight.float(), norm.bias.float()).to(weight.dtype)
         bias = shift if bias is None else bias + shift
     if norm.weight is not None:
         weight = weight * norm.weight
     return weight, bias
-
-
-def _cat_bias(bk: torch.Tensor | None, bv: torch.Tensor | None, c: int) -> torch.Tensor | None:
-    if bk is None and bv is None:
-        return None
-    ref = bk if bk is not None else bv
-    zeros = ref.new_zeros(c)
-    return torch.cat([bk if bk is not None else zeros, bv if bv is not None else zeros])
 
 
 class MLP(nn.Module):
@@ -122,51 +116,93 @@ class MultiKVCrossAttention(nn.Module):
     def forward(self, z: torch.Tensor, win: TowerWindows, pos: list[torch.Tensor | None]) -> torch.Tensor:
         """``z``: ``[B, n, C]`` with ``n`` = 1 (one query shared by every cell) or ``q*q``; returns ``[B, q*q, C]``."""
         b, n, c = z.shape
-        h = self.num_heads
-        d = c // h
-        cells = win.side * win.side
-        q = (self.q_proj(z) * d**-0.5).view(b, n, h, d)
-        scores, keep = [], []
+        d = c // self.num_heads
+        q = (self.q_proj(z) * d**-0.5).view(b, n, self.num_heads, d)
+        scores, values = [], []
         for t in range(self.num_towers):
-            wk, bk = _fold(getattr(self, f"k_proj_{t}"))
-            wv, bv = _fold(getattr(self, f"v_proj_{t}"))
-            if pos[t] is None:
-                x = win.normed[t]
-                if x is None:
-                    x = F.layer_norm(win.windows[t], (c,), eps=LN_EPS)
+            k_proj, v_proj = getattr(self, f"k_proj_{t}"), getattr(self, f"v_proj_{t}")
+            if win.windows[t].shape[2] == 1:
+                s, v = _one_key(q, win.windows[t], k_proj, v_proj)
             else:
-                x = F.layer_norm(win.windows[t] + pos[t].to(win.windows[t].dtype), (c,), eps=LN_EPS)
-            if x.shape[2] == 1:  # one key per cell: project it directly (k and v in one matmul)
-                kv = F.linear(x[:, :, 0], torch.cat([wk, wv]), _cat_bias(bk, bv, c)).view(b, cells, 2, h, d)
-                scores.append((q * kv[:, :, 0]).sum(-1, keepdim=True).float())
-                keep.append(kv[:, :, 1])
-                continue
-            # window of r*r keys: bring the query into key space instead of projecting every key
-            qk = torch.einsum("bnhd,hdc->bnhc", q, wk.view(h, d, c))
-            if n == 1:
-                s = torch.einsum("bqrc,bhc->bqhr", x, qk[:, 0])
-            else:
-                s = torch.einsum("bqrc,bqhc->bqhr", x, qk)
-            if bk is not None:
-                s = s + torch.einsum("bnhd,hd->bnh", q, bk.view(h, d)).unsqueeze(-1)
-            scores.append(s.float())
-            keep.append((x, wv, bv))
+                s, v = _window_keys(q, win.windows[t], win.stats[t], k_proj, v_proj, pos[t])
+            scores.append(s)
+            values.append(v)
         logits = torch.cat(scores, dim=-1)  # [B, q*q, h, sum r^2]
         if win.mask is not None:
             logits = logits.masked_fill(~win.mask[:, :, None, :], float("-inf"))
-        attn = logits.softmax(dim=-1)
-        out = None
-        for a, kept in zip(attn.split([s.shape[-1] for s in scores], dim=-1), keep, strict=True):
-            if isinstance(kept, torch.Tensor):
-                o = a * kept
-            else:
-                x, wv, bv = kept
-                summed = torch.einsum("bqhr,bqrc->bqhc", a.to(x.dtype), x)
-                o = torch.einsum("bqhc,hdc->bqhd", summed, wv.view(h, d, c))
-                if bv is not None:
-                    o = o + a.sum(-1, keepdim=True) * bv.view(h, d)
-            out = o if out is None else out + o
-        return self.o_proj(out.reshape(b, cells, c).to(z.dtype))
+        attn = logits.softmax(dim=-1).split([s.shape[-1] for s in scores], dim=-1)
+        out = sum(v(a) for v, a in zip(values, attn, strict=True))
+        return self.o_proj(out.flatten(2).to(z.dtype))
+
+
+def _one_key(
+    q: torch.Tensor, p: torch.Tensor, k_proj: nn.Sequential, v_proj: nn.Sequential
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A tower with one key per cell: K and V projected directly (as many rows as query cells).
+
+    Returns the scores ``[B, q*q, h, 1]`` (fp32) and the function taking the attention slice to the output.
+    """
+    h, d = q.shape[-2:]
+    x = p[:, :, 0]  # [B, q*q, C]
+    k = k_proj(x).unflatten(-1, (h, d))
+    v = v_proj(x).unflatten(-1, (h, d))
+    return (q * k).sum(-1, keepdim=True).float(), lambda a: a * v
+
+
+def _window_keys(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    k_proj: nn.Sequential,
+    v_proj: nn.Sequential,
+    pos: torch.Tensor | None,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A tower with ``R = r*r`` keys per cell, without ever forming its keys or values.
+
+    With ``x = p + pos`` and ``LN(x) = (x - mu) / sigma * gamma + beta``, a score is
+    ``(p.u + pos.u - mu * sum(u)) / sigma + q.b_k`` where ``u = (W_k gamma_k)^T q`` lives in the key
+    space; ``mu`` and ``sigma`` of ``x`` follow from the cached statistics of ``p`` and ``p.pos``. The
+    value side sums the attention-weighted windows first and projects the sum.
+    """
+    b, n, h, d = q.shape
+    _, cells, r2, c = p.shape
+    wk, bk = _fold(k_proj)
+    wv, bv = _fold(v_proj)
+    var, mu = stats  # [B, q*q, R]
+    if pos is not None:
+        pos = pos.to(p.dtype)
+        pos_var, pos_mu = torch.var_mean(pos.float(), dim=-1, unbiased=False)
+        # p.pos for each window row: one GEMM against all R embeddings, keep the matching one
+        dot = (p.flatten(0, 1) @ pos.T).diagonal(dim1=-2, dim2=-1).view(b, cells, r2).float() / c
+        var = var + pos_var + 2 * (dot - mu * pos_mu)
+        mu = mu + pos_mu
+    inv = torch.rsqrt(var + LN_EPS)  # [B, q*q, R]
+    u = torch.einsum("bnhd,hdc->bnhc", q, wk.view(h, d, c))  # query in key space
+    if n == 1:  # one query per image: one GEMM over the whole map
+        raw = torch.einsum("bqrc,bhc->bqhr", p, u[:, 0])
+    else:
+        raw = torch.einsum("bqrc,bqhc->bqhr", p, u)
+    if pos is not None:
+        raw = raw + torch.einsum("rc,bnhc->bnhr", pos, u)
+    u_sum = torch.einsum("bnhd,hd->bnh", q, wk.sum(-1).view(h, d).to(q.dtype))  # sum_c u, without reading u
+    raw = raw.float() - mu[:, :, None, :] * u_sum.unsqueeze(-1).float()
+    scores = raw * inv[:, :, None, :]
+    if bk is not None:
+        scores = scores + torch.einsum("bnhd,hd->bnh", q, bk.view(h, d).to(q.dtype)).unsqueeze(-1).float()
+
+    def value(a: torch.Tensor) -> torch.Tensor:
+        w = a * inv[:, :, None, :]  # attention over sigma: weights of the raw window rows
+        summed = torch.einsum("bqhr,bqrc->bqhc", w.to(p.dtype), p)
+        out = torch.einsum("bqhc,hdc->bqhd", summed, wv.view(h, d, c))
+        shift = (w * mu[:, :, None, :]).sum(-1, keepdim=True)  # the mu part, through W_v
+        out = out - shift * wv.sum(-1).view(h, d)
+        if pos is not None:
+            out = out + torch.einsum("bqhr,rhd->bqhd", w, F.linear(pos, wv).view(r2, h, d).float())
+        if bv is not None:
+            out = out + a.sum(-1, keepdim=True) * bv.view(h, d)
+        return out
+
+    return scores, value
 
 
 class CrossAttentionLayer(nn.Module):
