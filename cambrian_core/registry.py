@@ -147,7 +147,9 @@ class CambrianRegistry(Registry):
             raise BuildError(
                 f"`type` must be a registered name or a callable, got {type_name!r} ({self.kind})"
             )
-        target = self.get(type_name)
+        # Only names registered here count: mmengine's ``get`` would otherwise import any module or object
+        # whose dotted path happens to match (``"openai"`` would return the openai package).
+        target = self._module_dict.get(type_name) if type_name in self.names() else None
         if target is None:
             names = self.names()
             hint = suggest(type_name, names)

@@ -85,3 +85,9 @@ def test_suggest() -> None:
 
 def test_registration_records_provider(reg: CambrianRegistry) -> None:
     assert reg.providers["widget"] == "<direct registration>"
+
+
+def test_unregistered_name_never_resolves_to_an_importable_module(reg: CambrianRegistry) -> None:
+    # mmengine's Registry.get falls back to importing dotted paths; a config type must be registered.
+    with pytest.raises(BuildError, match="Unknown widget type `json`"):
+        build(reg, {"type": "json"})
