@@ -58,6 +58,25 @@ class PluginEncoder(VisionEncoder):
         if frozen:
             super().train(False)
 
+    #: keywords that only name weight sources; dropped when only the architecture is wanted
+    weight_keys: tuple[str, ...] = ("checkpoint", "pretrained")
+
+    @classmethod
+    def config_dims(cls, kwargs: dict[str, Any]) -> dict[str, int | None]:
+        """Width and token count of the tower ``kwargs`` describe, from a weightless build on the meta device
+        (no memory, no file read); ``None`` values when the keywords do not build."""
+        arch = {k: v for k, v in kwargs.items() if k not in cls.weight_keys}
+        try:
+            with torch.device("meta"):
+                tower = cls(**cls._meta_kwargs(arch))
+        except Exception:  # the config check reports the real error when the tower is built
+            return super().config_dims(kwargs)
+        return {"hidden_size": tower.hidden_size, "token_len": tower.token_len}
+
+    @classmethod
+    def _meta_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs
+
     @classmethod
     def check_config(cls, kwargs: Mapping[str, Any]) -> list[str]:
         """Cross-field problems found before any weights load (``cambrian_core.config`` calls this)."""

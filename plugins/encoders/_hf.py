@@ -96,6 +96,17 @@ class HFVisionEncoder(PluginEncoder):
         interp = self.image_size != self.trained_image_size
         return self.model(pixel_values=pixels, output_hidden_states=hidden, interpolate_pos_encoding=interp)
 
+    @classmethod
+    def _meta_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A ``path`` becomes the folder's inline config, so the meta build reads no weights."""
+        path = kwargs.get("path")
+        if path is None:
+            return kwargs
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = cfg.get("vision_config", cfg)
+        cfg = {k: v for k, v in cfg.items() if k not in _META_KEYS and k != "model_type"}
+        return {**{k: v for k, v in kwargs.items() if k != "path"}, "config": cfg}
+
     # ------------------------------------------------------------------ building
     def _build(self, path: str | None, config: Mapping[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
         if (path is None) == (config is None):
@@ -128,7 +139,15 @@ class HFVisionEncoder(PluginEncoder):
             )
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         model_class, _ = self._classes(model_type)
-        model = model_class.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        model, info = model_class.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
+        missing = list(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(
+                f"{self.family}: {str(folder)!r} lacks {len(missing)} weights of {model_class.__name__}, e.g. "
+                f"{sorted(missing)[:5]}; is it a {model_class.__name__} folder?"
+            )
         proc_file = folder / "preprocessor_config.json"
         processor = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
         return model, processor
