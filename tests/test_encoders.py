@@ -129,6 +129,12 @@ def test_config_check_reports_missing_weight_files(tmp_path):
     problems = check_component("encoders", {"type": "siglip", "checkpoint": missing}, "enc")
     assert any(f"checkpoint={missing!r} does not exist" in str(p) for p in problems)
     assert not check_component("encoders", {"type": "clip", **ENCODERS.get("clip").tiny_config()}, "enc")
+    both = {"type": "clip", "path": str(tmp_path), **ENCODERS.get("clip").tiny_config()}
+    assert any("exactly one of path=" in str(p) for p in check_component("encoders", both, "enc"))
+    assert any(
+        "exactly one of model_name=" in str(p)
+        for p in check_component("encoders", {"type": "open_clip"}, "e")
+    )
 
 
 def test_config_dims_without_weights(tmp_path):
@@ -411,3 +417,15 @@ def test_frozen_batchnorm_tower_stays_in_eval():
     enc.set_frozen(False)
     enc.train()
     assert enc.training
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_cpu(name):
+    enc = tiny(name)
+    x = batch(enc)
+    ref = enc(x)
+    gpu = enc.to("cuda")
+    out = gpu(x)  # the tower moves CPU pixels to its own device
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-2, atol=1e-2)

@@ -97,6 +97,15 @@ class HFVisionEncoder(PluginEncoder):
         return self.model(pixel_values=pixels, output_hidden_states=hidden, interpolate_pos_encoding=interp)
 
     @classmethod
+    def check_config(cls, kwargs: Mapping[str, Any]) -> list[str]:
+        problems = super().check_config(kwargs)
+        if (kwargs.get("path") is None) == (kwargs.get("config") is None):
+            problems.append(
+                "pass exactly one of path= (a local Hugging Face folder) or config= (HF config keywords)"
+            )
+        return problems
+
+    @classmethod
     def _meta_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A ``path`` becomes the folder's inline config, so the meta build reads no weights."""
         path = kwargs.get("path")

@@ -111,6 +111,13 @@ class OpenClipEncoder(PluginEncoder):
         self.image_std = tuple(image_std or pre.get("std") or CLIP_STD)
         self._finish(freeze, dtype)
 
+    @classmethod
+    def check_config(cls, kwargs: Mapping[str, Any]) -> list[str]:
+        problems = super().check_config(kwargs)
+        if sum(kwargs.get(k) is not None for k in ("model_name", "config", "path")) != 1:
+            problems.append("pass exactly one of model_name=, config= or path=")
+        return problems
+
     # ------------------------------------------------------------------ building
     @staticmethod
     def _resolve(
