@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cambrian_core import MODELS, build
+from cambrian_core import CONNECTORS, LLMS, MODELS, build
 from cambrian_core.config import ConfigError, load_config
 from cambrian_core.model.encoder import expand_to_square
 from cambrian_core.model.masks import grid_masks, real_extents
-from cambrian_core.model.tokenize import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from cambrian_core.model.tokenize import IGNORE_INDEX, IMAGE_TOKEN_INDEX, tokenize_conversation
 
 # f = 4: a 64x32 (wide) image keeps rows 1..2 -> 2 x (4+1) = 10 tokens; 32x64 (tall) keeps columns 1..2
 # -> 4 x (2+1) = 12; a square image keeps the whole grid -> 4 x 5 = 20.
@@ -492,3 +492,83 @@ def test_model_filled_connector_dims_are_refused_in_load_config(tmp_path):
         ConfigError, match=r"model: connector test_grid: `token_len` is filled in by the model"
     ):
         load_config(path)
+
+
+REAL_BAD = [
+    (
+        {
+            "connector": {"type": "sva", "vision_hidden_size": 32, "num_heads": 4},
+            "vision_tower_aux_token_len_list": [16, 36],
+        },
+        r"connector sva: tower 1 has a 6x6 grid \(36 tokens\) that query group 0 \(16 queries\) on a 4x4 grid "
+        r"cannot split into windows",
+    ),
+    (
+        {"connector": None, "mm_projector_type": "mlp2x_gelu"},
+        r"connector mlp2x_gelu: mlp2x_gelu needs every tower at image_token_len tokens; tower 1 has 64, expected 16",
+    ),
+    (
+        {"connector": {"type": "identity"}, "vision_tower_aux_token_len_list": [16, 16]},
+        r"connector identity: identity needs the towers' hidden sizes to add up to the LLM width: .* 44 != 32",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), REAL_BAD, ids=["sva-window", "mlp2x-token-lens", "identity-width"]
+)
+def test_registered_connectors_refuse_bad_configs_before_anything_is_built(
+    override, message, tmp_path, monkeypatch
+):
+    path = tmp_path / "bad.py"
+    path.write_text(f"model = {P.model_config(**override)!r}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    monkeypatch.setattr(P.PatchTower, "__init__", lambda *a, **k: pytest.fail("a tower was built"))
+    with pytest.raises(ConfigError, match=message):
+        build(MODELS, P.model_config(**override))
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def registered(registry) -> list[str]:
+    return [n for n in registry.names() if not n.startswith("test_")]
+
+
+@pytest.mark.parametrize("name", registered(CONNECTORS))
+def test_every_registered_connector_composes_trains_and_generates(name):
+    """Two 16-token towers of width 16 (identity: 16 + 16 = the LLM's 32); pretrain stage."""
+    towers = [
+        {"type": "test_patch", "width": 16, "patch": 8},
+        {"type": "test_patch", "width": 16, "patch": 8},
+    ]
+    connector = {"type": name, **CONNECTORS.get(name).tiny_config()}
+    model = make(seed=6, vision_tower_aux_list=towers, connector=connector, stage="pretrain").train()
+    model(**inputs(model)).loss.backward()
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.grad is not None} == {
+        n for n, p in params.items() if p.requires_grad
+    }
+    model.eval()
+    x = inputs(model)
+    new = model.generate(x["input_ids"], x["attention_mask"], x["pixel_values"], SIZES, max_new_tokens=3)
+    assert new.shape[0] == 3
+    if model.connector.sampler_layers:  # the KV-cache path must match full recomputation with samplers too
+        ref = stepwise(model, x["input_ids"], x["attention_mask"], x["pixel_values"], SIZES, new.shape[1])
+        assert torch.equal(new, ref)
+
+
+@pytest.mark.parametrize("name", registered(LLMS))
+def test_every_registered_llm_composes_and_chats(name):
+    llm = {"type": name, **LLMS.get(name).tiny_config()}
+    model = make(seed=7, llm=llm, connector={"type": "test_grid", "num_samplers": 2}).eval()
+    conv = tokenize_conversation(
+        model.tokenizer,
+        model.llm.template,
+        [{"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": "A lung."}],
+        num_images=1,
+    )
+    ids = torch.tensor([conv.input_ids])
+    out = model(ids, labels=torch.tensor([conv.labels]), pixel_values=pixels(1), image_sizes=SIZES[:1])
+    assert torch.isfinite(out.loss)
+    answer = model.chat("What is shown?", [Image.new("RGB", (48, 32), (90, 90, 90))], max_new_tokens=3)
+    assert isinstance(answer, str)

@@ -17,6 +17,7 @@ _CORE_COMMANDS = [
     "cambrian_core.cli.convert_cmd",
     "cambrian_core.cli.data_cmd",
     "cambrian_core.cli.train_cmd",
+    "cambrian_core.cli.models_cmd",
 ]
 
 
