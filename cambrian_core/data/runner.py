@@ -233,16 +233,19 @@ def _select(
     return todo
 
 
+def _start_pool(workers: int, initargs: tuple) -> Any:
+    """A spawn pool whose workers import and unpickle the converter / generator once each."""
+    ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tqdm, torch) and locks
+    return ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs, os.getpid()))
+
+
 def _results(
-    todo: list[Case | Reject], workers: int, initargs: tuple, pool_box: list
+    todo: list[Case | Reject], workers: int, initargs: tuple, pool: Any
 ) -> Iterator[tuple[str, str, Any]]:
-    if workers <= 1 or len(todo) <= 1:
-        _init_worker(*initargs[:4], None)
+    if pool is None:
+        _init_worker(*initargs, None)
         yield from map(_process, todo)
         return
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs[:4], os.getpid()))
-    pool_box.append(pool)
     chunk = max(1, min(8, len(todo) // (workers * 16)))
     yield from pool.imap(_process, todo, chunksize=chunk)
     pool.close()
@@ -286,8 +289,11 @@ def convert(
     summary = Summary(source=converter.name, generator=generator.name, out_dir=str(out), shard=tuple(shard))
     skipped: Counter = Counter()
     rejected: Counter = Counter()
-    pool_box: list = []
+    initargs = (converter, generator, str(out), max_size)
+    pool = None
     try:
+        if workers > 1:  # workers start up while the parent selects the cases
+            pool = _start_pool(workers, initargs)
         if any(store.dropped.values()):
             log.info("resuming %s: dropped %s lines of unfinished cases", out, sum(store.dropped.values()))
         for tmp in (out / "images").glob("*/.*.tmp"):  # half-written PNGs of a killed run
@@ -320,8 +326,7 @@ def convert(
             batch.clear()
 
         try:
-            initargs = (converter, generator, str(out), max_size)
-            for result in _results(todo, workers, initargs, pool_box):
+            for result in _results(todo, workers, initargs, pool):
                 batch.append(result)
                 bar.update(1)
                 if len(batch) >= batch_size or time.monotonic() - last >= flush_seconds:
@@ -335,9 +340,9 @@ def convert(
             raise
         finally:
             bar.close()
-            for pool in pool_box:
-                pool.terminate()
     finally:
+        if pool is not None:
+            pool.terminate()
         summary.rejected = dict(rejected)
         summary.skipped = dict(skipped)
         summary.total_done = len(store.done)
