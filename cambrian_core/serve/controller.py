@@ -185,6 +185,7 @@ class Controller:
 
 def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
     """The controller's FastAPI app (``worker_timeout``: longest wait for the next proxied chunk)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         controller.start()
