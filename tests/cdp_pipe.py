@@ -5,6 +5,7 @@ Chromium reads NUL-terminated JSON commands on file descriptor 3 and writes resp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -116,10 +117,8 @@ class Browser:
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._cmd_w)
-        except OSError:
-            pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
