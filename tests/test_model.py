@@ -359,7 +359,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_samplers
 def stepwise(model, ids, mask, px, sizes, steps: int) -> torch.Tensor:
     """Greedy decoding by re-running the whole sequence (no cache) at every step."""
     tok = model.tokenizer
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     out = []
     for _ in range(steps):
         with torch.no_grad():
@@ -572,3 +572,20 @@ def test_every_registered_llm_composes_and_chats(name):
     assert torch.isfinite(out.loss)
     answer = model.chat("What is shown?", [Image.new("RGB", (48, 32), (90, 90, 90))], max_new_tokens=3)
     assert isinstance(answer, str)
+
+
+@pytest.mark.gpu
+def test_forward_and_cached_generation_on_cuda():
+    model = make(seed=8).to("cuda").eval()
+    x = inputs(model)
+    x = {k: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda()) for k, v in x.items()}
+    with torch.no_grad():
+        assert torch.isfinite(model(**x).loss)
+    new = model.generate(
+        x["input_ids"], x["attention_mask"], x["pixel_values"], x["image_sizes"], max_new_tokens=4
+    )
+    assert new.device.type == "cuda"
+    ref = stepwise(
+        model, x["input_ids"], x["attention_mask"], x["pixel_values"], x["image_sizes"], new.shape[1]
+    )
+    assert torch.equal(new, ref.to(new.device))

@@ -367,44 +367,40 @@ class CambrianModel(nn.Module):
         """Generate with the LLM's KV cache; returns the new token ids ``[B, T]`` (padded with the pad id).
 
         The prompt (images spliced, left-padded) is the prefill of transformers' ``generate``; the in-LLM
-        samplers act on that pass only.
+        samplers act on that pass only. The model's train/eval mode is left as it is (a model from
+        ``load_model`` is in eval mode); nothing about the call is stored on the model.
         """
-        was_training = self.training
-        self.eval()
-        try:
-            batch, ctx = self.prepare_inputs(
-                input_ids, attention_mask, None, pixel_values, image_sizes, tower_features, None, "left"
+        batch, ctx = self.prepare_inputs(
+            input_ids, attention_mask, None, pixel_values, image_sizes, tower_features, None, "left"
+        )
+        tok = self.llm.tokenizer
+        eos = tok.eos_token_id if eos_token_id is None else eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        texts = []
+        for stop in stop_strings or ():
+            token = _single_token(tok, stop)
+            if token is None:
+                texts.append(stop)
+            elif token not in eos_ids:
+                eos_ids.append(token)  # a stop string that is one token stops as cheaply as EOS
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": eos_ids or None,
+        }
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        if texts:
+            kwargs.update(stop_strings=texts, tokenizer=tok)
+        kwargs.update(generate_kwargs)
+        with activate(ctx):
+            return self.llm.model.generate(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                streamer=streamer,
+                **kwargs,
             )
-            tok = self.llm.tokenizer
-            eos = tok.eos_token_id if eos_token_id is None else eos_token_id
-            eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-            texts = []
-            for stop in stop_strings or ():
-                token = _single_token(tok, stop)
-                if token is None:
-                    texts.append(stop)
-                elif token not in eos_ids:
-                    eos_ids.append(token)  # a stop string that is one token stops as cheaply as EOS
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": max_new_tokens,
-                "do_sample": do_sample,
-                "pad_token_id": tok.pad_token_id,
-                "eos_token_id": eos_ids or None,
-            }
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            if texts:
-                kwargs.update(stop_strings=texts, tokenizer=tok)
-            kwargs.update(generate_kwargs)
-            with activate(ctx):
-                return self.llm.model.generate(
-                    inputs_embeds=batch.inputs_embeds,
-                    attention_mask=batch.attention_mask,
-                    streamer=streamer,
-                    **kwargs,
-                )
-        finally:
-            self.train(was_training)
 
     def chat(
         self,
