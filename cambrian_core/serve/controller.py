@@ -25,13 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cambrian_core.serve.errors import SERVER_ERROR_MSG, ErrorCode
+from cambrian_core.serve.flags import DISPATCH_METHODS, controller_arguments
 from cambrian_core.serve.protocol import CONTROLLER_HEART_BEAT_EXPIRATION, aiter_complete, chunk
 
-__all__ = ["Controller", "WorkerInfo", "add_arguments", "create_app", "main"]
+__all__ = ["Controller", "WorkerInfo", "create_app", "main"]
 
 log = logging.getLogger(__name__)
-
-DISPATCH_METHODS = ("lottery", "shortest_queue")
 
 
 @dataclasses.dataclass
@@ -283,25 +282,6 @@ def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
     return app
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The controller's flags (LLaVA's, plus the heartbeat expiry)."""
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=21001)
-    p.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
-    p.add_argument(
-        "--heart-beat-expiration",
-        type=float,
-        default=CONTROLLER_HEART_BEAT_EXPIRATION,
-        help="drop a worker after this many seconds without a heartbeat (default %(default)s)",
-    )
-    p.add_argument(
-        "--worker-timeout",
-        type=float,
-        default=600.0,
-        help="seconds to wait for a worker's next stream chunk before giving up (default %(default)s)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve the controller until interrupted."""
     from cambrian_core.serve.server import run_app
@@ -316,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m cambrian_core.serve.controller", description=__doc__.split("\n")[0]
     )
-    add_arguments(p)
+    controller_arguments(p)
     return run(p.parse_args(argv))
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from cambrian_core.serve.engine import EngineError, InferenceEngine, SamplingParams
 from cambrian_core.serve.ui import BackendError, build_blocks, launch
 
-__all__ = ["EngineBackend", "add_arguments", "build_demo", "run"]
+__all__ = ["EngineBackend", "build_demo", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +45,11 @@ def build_demo(engine: InferenceEngine) -> Any:
     return build_blocks(EngineBackend(engine), title=f"cambrian demo: {engine.name}", reload_models=False)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "--model-path",
-        dest="model",
-        required=True,
-        help="saved model folder, registered checkpoint name, or Cambrian-1 HF folder",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-batch-size", type=int, default=8)
-
-
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve the demo until interrupted."""
     from cambrian_core.serve.loading import load_for_serving, model_display_name
 
-    model = load_for_serving(args.model, args.device, args.dtype)
+    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
     engine = InferenceEngine(model, name=model_display_name(args.model), max_batch_size=args.max_batch_size)
     try:
         launch(build_demo(engine), args.host, args.port, block=True)

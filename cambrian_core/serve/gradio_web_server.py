@@ -20,10 +20,11 @@ import httpx
 from PIL import Image
 
 from cambrian_core.serve.errors import ErrorCode
+from cambrian_core.serve.flags import web_arguments
 from cambrian_core.serve.protocol import NulChunker
 from cambrian_core.serve.ui import BackendError, build_blocks, launch
 
-__all__ = ["ControllerBackend", "add_arguments", "main"]
+__all__ = ["ControllerBackend", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +100,6 @@ class ControllerBackend:
             ) from exc
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument(
-        "--controller-url", "--controller", dest="controller_url", default="http://127.0.0.1:21001"
-    )
-    p.add_argument("--concurrency-count", type=int, default=16)
-    p.add_argument(
-        "--model-list-mode",
-        choices=["once", "reload"],
-        default="once",
-        help="list models once at start, or on every page load",
-    )
-    p.add_argument("--share", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--moderate", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--embed", action="store_true", help=argparse.SUPPRESS)
-
-
 def build_web(args: argparse.Namespace) -> Any:
     if args.share:
         raise SystemExit("--share (a public gradio.live link) is not supported; bind with --host instead")
@@ -136,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m cambrian_core.serve.gradio_web_server", description=__doc__.split("\n")[0]
     )
-    add_arguments(p)
+    web_arguments(p)
     return run(p.parse_args(argv))
 
 

@@ -2,7 +2,7 @@
 
 Accepted: a folder written by ``save_pretrained``, a registered checkpoint name (``cambrian models list``), or a
 Cambrian-1 Hugging Face folder (its ``config.json`` lists ``mm_vision_tower_aux_list``), which is imported on the
-fly by :mod:`cambrian_core.export.cambrian1` into a cache folder.
+fly by :mod:`cambrian_core.export.cambrian1` into a cache folder (its vision towers located with ``--tower-path``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["is_cambrian1_folder", "load_for_serving", "model_display_name", "pick_device", "pick_dtype"]
+__all__ = [
+    "is_cambrian1_folder",
+    "load_for_serving",
+    "model_display_name",
+    "parse_tower_paths",
+    "pick_device",
+    "pick_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +87,59 @@ def is_cambrian1_folder(path: str | os.PathLike[str]) -> bool:
     return "mm_vision_tower_aux_list" in data or "cambrian" in archs
 
 
-def _import_cambrian1(folder: Path) -> Any:
+def parse_tower_paths(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` (the ``--tower-path`` flag) -> ``{NAME: DIR}``."""
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): str(v) for k, v in items.items()}
+    out = {}
+    for item in items:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name or not path:
+            raise ValueError(
+                f"--tower-path {item!r}: expected NAME=DIR, e.g. openai/clip-vit-large-patch14-336=/models/clip"
+            )
+        out[name] = path
+    return out
+
+
+def _import_cambrian1(folder: Path, tower_paths: dict[str, str]) -> Path:
     try:
         exporter = importlib.import_module("cambrian_core.export.cambrian1")
     except ModuleNotFoundError:
         raise FileNotFoundError(
             f"{folder} is a Cambrian-1 Hugging Face folder, but this installation has no Cambrian-1 importer "
-            "(cambrian_core.export.cambrian1); convert it with `cambrian export` first"
+            "(cambrian_core.export.cambrian1)"
         ) from None
     from cambrian_core.model.checkpoints import cache_dir
 
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    dst = cache_dir() / "imported" / f"{folder.name}-{key}"
+    key = hashlib.sha256(
+        json.dumps([str(folder.resolve()), sorted(tower_paths.items())]).encode()
+    ).hexdigest()
+    dst = cache_dir() / "imported" / f"{folder.name}-{key[:16]}"
     if not (dst / "cambrian_config.json").is_file():
         log.info("importing the Cambrian-1 folder %s into %s", folder, dst)
-        out = exporter.import_cambrian1(str(folder), str(dst))
-        if isinstance(out, torch.nn.Module):
-            return out
+        try:
+            exporter.import_cambrian1(str(folder), str(dst), tower_paths, overwrite=True)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(
+                f"{folder} is a Cambrian-1 folder and could not be imported: {exc}. Cambrian-1 folders hold no "
+                "vision-tower weights: give each tower's local weights with --tower-path NAME=DIR"
+            ) from exc
     return dst
 
 
-def load_for_serving(path_or_name: str, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load a model for inference on ``device`` (see :func:`pick_device`), in eval mode."""
+def load_for_serving(
+    path_or_name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    tower_paths: Sequence[str] | Mapping[str, str] | None = None,
+) -> Any:
+    """Load a model for inference on ``device`` (see :func:`pick_device`), in eval mode.
+
+    ``tower_paths`` (``NAME=DIR`` strings or a dict) locate the vision towers of a Cambrian-1 folder.
+    """
     from cambrian_core.model.io import load_model
 
     dev = pick_device(device)
@@ -108,9 +147,7 @@ def load_for_serving(path_or_name: str, device: str = "auto", dtype: str = "auto
     source: Any = path_or_name
     p = Path(str(path_or_name)).expanduser()
     if p.is_dir() and is_cambrian1_folder(p):
-        source = _import_cambrian1(p)
-        if isinstance(source, torch.nn.Module):
-            return source.to(device=dev, dtype=torch_dtype).eval() if torch_dtype else source.to(dev).eval()
+        source = _import_cambrian1(p, parse_tower_paths(tower_paths))
     elif p.is_dir():
         source = str(p)
     log.info("loading %s on %s (%s)", path_or_name, dev, torch_dtype or "saved dtype")

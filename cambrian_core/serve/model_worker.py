@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cambrian_core.serve.engine import InferenceEngine, SamplingParams
 from cambrian_core.serve.errors import SERVER_ERROR_MSG, ErrorCode, RequestError
+from cambrian_core.serve.flags import worker_arguments
 from cambrian_core.serve.images import (
     ImageLimits,
     decode_base64,
@@ -39,7 +40,7 @@ from cambrian_core.serve.images import (
 from cambrian_core.serve.params import sampling_from, scan_options
 from cambrian_core.serve.protocol import WORKER_HEART_BEAT_INTERVAL, chunk
 
-__all__ = ["ModelWorker", "add_arguments", "create_app", "main", "parse_generate_request"]
+__all__ = ["ModelWorker", "create_app", "main", "parse_generate_request"]
 
 log = logging.getLogger(__name__)
 
@@ -268,61 +269,6 @@ def create_app(worker: ModelWorker) -> Any:
     return app
 
 
-def add_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> None:
-    """The worker's flags: LLaVA's (``--model-path`` / ``--controller-address`` / ``--worker-address`` and their
-    README abbreviations) plus device, dtype, batching and image limits."""
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=21002)
-    p.add_argument(
-        "--worker-address",
-        "--worker",
-        dest="worker_address",
-        default=None,
-        help="URL clients reach this worker at (default http://HOST:PORT)",
-    )
-    p.add_argument(
-        "--controller-address", "--controller", dest="controller_address", default="http://127.0.0.1:21001"
-    )
-    p.add_argument(
-        "--model-path",
-        "--model",
-        dest="model_path",
-        required=True,
-        help="saved model folder, registered checkpoint name, or Cambrian-1 HF folder",
-    )
-    p.add_argument(
-        "--model-name", default=None, help="name announced to the controller (default: from the path)"
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--limit-model-concurrency",
-        type=int,
-        default=5,
-        help="requests decoded together in one batch (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before 503 (default %(default)s)"
-    )
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default %(default)s)")
-    p.add_argument(
-        "--max-image-mb", type=float, default=32.0, help="encoded size per image (default %(default)s)"
-    )
-    p.add_argument("--no-register", action="store_true", help="do not register with a controller")
-    p.add_argument(
-        "--heart-beat-interval",
-        type=float,
-        default=WORKER_HEART_BEAT_INTERVAL,
-        help="seconds between heartbeats (default %(default)s)",
-    )
-    if seed_flags:
-        p.add_argument("--model-base", default=None, help=argparse.SUPPRESS)
-        p.add_argument("--multi-modal", action="store_true", help=argparse.SUPPRESS)
-        p.add_argument("--stream-interval", type=int, default=1, help=argparse.SUPPRESS)
-        p.add_argument("--load-8bit", action="store_true", help=argparse.SUPPRESS)
-        p.add_argument("--load-4bit", action="store_true", help=argparse.SUPPRESS)
-
-
 def build_worker(args: argparse.Namespace) -> ModelWorker:
     """Load the model and wrap it in an engine and a worker, as the flags say."""
     from cambrian_core.serve.loading import load_for_serving, model_display_name
@@ -333,7 +279,7 @@ def build_worker(args: argparse.Namespace) -> ModelWorker:
         )
     if getattr(args, "load_8bit", False) or getattr(args, "load_4bit", False):
         raise SystemExit("--load-8bit / --load-4bit are not supported; use --dtype bfloat16 or float16")
-    model = load_for_serving(args.model_path, args.device, args.dtype)
+    model = load_for_serving(args.model_path, args.device, args.dtype, args.tower_path)
     engine = InferenceEngine(
         model,
         name=args.model_name or model_display_name(args.model_path),
@@ -369,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m cambrian_core.serve.model_worker", description=__doc__.split("\n")[0]
     )
-    add_arguments(p)
+    worker_arguments(p)
     return run(p.parse_args(argv))
 
 

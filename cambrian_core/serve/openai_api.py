@@ -28,7 +28,7 @@ from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.images import ImageLimits, image_from_url
 from cambrian_core.serve.params import sampling_from, scan_options
 
-__all__ = ["add_arguments", "create_app", "parse_chat_request"]
+__all__ = ["create_app", "parse_chat_request"]
 
 log = logging.getLogger(__name__)
 
@@ -256,43 +256,6 @@ def create_app(
     return app
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "--model-path",
-        dest="model",
-        required=True,
-        help="saved model folder, registered checkpoint name, or Cambrian-1 HF folder",
-    )
-    p.add_argument(
-        "--served-model-name", default=None, help="the model id clients send (default: from --model)"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="require `Authorization: Bearer KEY` (default: $CAMBRIAN_API_KEY when set, else no key)",
-    )
-    p.add_argument(
-        "--allow-local-files",
-        action="store_true",
-        help="accept image_url values that are paths on this machine (off by default)",
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--max-batch-size", type=int, default=8, help="requests decoded together (default %(default)s)"
-    )
-    p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before 503 (default %(default)s)"
-    )
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default %(default)s)")
-    p.add_argument(
-        "--max-image-mb", type=float, default=32.0, help="encoded size per image (default %(default)s)"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve the API until interrupted."""
     import os
@@ -300,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     from cambrian_core.serve.loading import load_for_serving, model_display_name
     from cambrian_core.serve.server import run_app
 
-    model = load_for_serving(args.model, args.device, args.dtype)
+    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
     engine = InferenceEngine(
         model,
         name=args.served_model_name or model_display_name(args.model),
