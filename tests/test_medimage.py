@@ -229,6 +229,9 @@ def test_png16_hu_and_full_range(tmp_path):
     Image.fromarray(raw).save(tmp_path / "pc.png")
     assert _grey(load_image(tmp_path / "pc.png", kind="png16"))[0].tolist() == [0, 62, 255]
     assert _grey(load_image(tmp_path / "pc.png"))[0].tolist() == [0, 62, 255]  # guessed the same
+    # DeepLesion Key_slices may be 8-bit renderings: detected and used as stored, not shifted by 32768
+    Image.fromarray(np.array([[10, 200]], dtype=np.uint8)).save(tmp_path / "key8.png")
+    assert _grey(load_image(tmp_path / "key8.png", kind="png16_hu"))[0].tolist() == [10, 200]
 
 
 def test_tiff_jpeg_png_and_mime(tmp_path):

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--window",
         default=None,
         help="window preset (lung, mediastinum, bone, brain, abdomen, liver), "
-        "'center,width', minmax or percentile; overrides the source's default",
+        "'center,width' (--window=-600,1500 for a negative centre), minmax or percentile; overrides the "
+        "source's default",
     )
     p.add_argument(
         "--max-size", type=int, default=None, help="shrink images so the longest side is at most N"

@@ -78,7 +78,7 @@ class Summary:
             lines.append(f"  rejected {sum(self.rejected.values())} ({by}); reasons in rejects.jsonl")
         if self.failed:
             lines.append(f"  failed {self.failed} with errors (not marked done: run again to retry them)")
-        if self.skipped:
+        if any(self.skipped.values()):
             lines.append("  skipped " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()) if v))
         lines += [f"    e.g. {e}" for e in self.examples]
         lines.append(f"  folder total: {self.total_done} cases done, {self.total_records} records")
