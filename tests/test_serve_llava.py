@@ -237,3 +237,31 @@ def test_chunk_format():
     ) == [{"text": "a", "error_code": 0}, {"text": "ab", "error_code": 0}]
     assert SERVER_ERROR_MSG.startswith("**NETWORK ERROR")
     assert image().size == (40, 30)
+
+
+def test_web_ui_lists_every_workers_model_and_answers_with_the_chosen_one(cluster):
+    import argparse
+
+    gradio_client = pytest.importorskip("gradio_client")
+    from cambrian_core.serve.gradio_web_server import ControllerBackend, build_web
+    from cambrian_core.serve.server import free_port
+    from cambrian_core.serve.ui import _text_of, launch
+
+    url, _, workers = cluster
+    assert ControllerBackend(url).models() == ["tiny-a", "tiny-b"]
+    args = argparse.Namespace(controller_url=url, model_list_mode="reload", share=False, moderate=False)
+    demo = build_web(args)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        info = client.view_api(return_format="dict", print_info=False)
+        model_param = next(p for p in info["named_endpoints"]["/chat"]["parameters"] if p["label"] == "Model")
+        assert "tiny-a" in str(model_param["python_type"]) and "tiny-b" in str(model_param["python_type"])
+        for name, worker in workers.items():
+            history, _ = client.predict("Describe the findings.", [], None, "auto", "axial", 0.0, 1.0, 12, name,
+                                        api_name="/chat")
+            expected = worker.engine.generate("Describe the findings.", [], max_new_tokens=12)
+            assert _text_of(history[-1]["content"]) == expected.text.strip()
+    finally:
+        demo.close()
