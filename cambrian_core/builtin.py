@@ -20,6 +20,7 @@ _COMPONENT_MODULES: list[str] = [
     "cambrian_core.train.runners.fsdp",
     "cambrian_core.train.runners.deepspeed",
     "cambrian_core.train.runners.xla",
+    "cambrian_core.eval.metrics",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -21,6 +21,7 @@ _CORE_COMMANDS = [
     "cambrian_core.cli.infer_cmd",
     "cambrian_core.cli.serve_cmd",
     "cambrian_core.cli.demo_cmd",
+    "cambrian_core.cli.eval_cmd",
 ]
 
 

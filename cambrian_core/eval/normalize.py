@@ -1,0 +1,268 @@
+"""Answer normalisation for strict scoring, and LLaVA-Med's normaliser for its compatibility scorer.
+
+Strict (:func:`tokens`): Unicode NFKC, lower case, apostrophes dropped, thousands separators removed, words split
+on anything that is not a letter or digit, each CJK character its own token, number words up to twenty as digits,
+numbers canonical (``"2.0"`` -> ``"2"``, ``"007"`` -> ``"7"``, ``"2.50"`` -> ``"2.5"``), articles dropped. Matching
+is then done on whole tokens, never substrings: ``"no"`` is not found in ``"nodule"``.
+
+LLaVA-Med (:func:`llava_med_normalize`): its VQA-style punctuation and article rules, reimplemented from the
+behaviour documented in ``vqa_formats.md`` §6 so its published numbers can be compared against.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+
+__all__ = [
+    "alternatives",
+    "contains_phrase",
+    "gold_polarity",
+    "llava_med_normalize",
+    "normalize_answer",
+    "option_letter",
+    "polarity",
+    "tokens",
+]
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(rf"\d+(?:\.\d+)?|[{_CJK}]|[^\W_{_CJK}]+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_APOSTROPHES = re.compile(r"['\u2019\u2018`]")
+_HAS_CJK = re.compile(rf"[{_CJK}]")
+_WORD_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+_ZH_NO = ("不是", "否", "没有", "无", "不")
+_ZH_YES = ("是", "有", "对")
+
+
+def _number(tok: str) -> str:
+    whole, _, frac = tok.partition(".")
+    whole = whole.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    return f"{whole}.{frac}" if frac else whole
+
+
+def tokens(text: object, drop_articles: bool = True) -> list[str]:
+    """Strict normalised tokens of ``text`` (see the module docstring)."""
+    s = unicodedata.normalize("NFKC", str(text)).lower()
+    s = _THOUSANDS.sub("", _APOSTROPHES.sub("", s))
+    out = []
+    for tok in _TOKEN.findall(s):
+        tok = _WORD_NUMBERS.get(tok, tok)
+        if tok[0].isdigit() and re.fullmatch(r"\d+(?:\.\d+)?", tok):
+            tok = _number(tok)
+        if drop_articles and tok in _ARTICLES:
+            continue
+        out.append(tok)
+    return out
+
+
+def normalize_answer(text: object) -> str:
+    """The strict normal form as one string (tokens joined by single spaces)."""
+    return " ".join(tokens(text))
+
+
+def contains_phrase(haystack: Sequence[str], phrase: Sequence[str]) -> bool:
+    """Whether ``phrase`` occurs in ``haystack`` as consecutive whole tokens."""
+    n = len(phrase)
+    if n == 0:
+        return False
+    return any(list(haystack[i : i + n]) == list(phrase) for i in range(len(haystack) - n + 1))
+
+
+def polarity(text: object) -> str | None:
+    """``"yes"`` / ``"no"`` from an answer: the first whole word yes or no (English), or a leading 是/有 versus
+    否/不/没有/无 (Chinese); ``None`` when the answer says neither."""
+    toks = tokens(text)
+    for t in toks:
+        if t in ("yes", "no"):
+            return t
+    joined = "".join(t for t in toks if _HAS_CJK.match(t))
+    if joined.startswith(_ZH_NO):
+        return "no"
+    if joined.startswith(_ZH_YES):
+        return "yes"
+    return None
+
+
+def gold_polarity(answer: object) -> str | None:
+    """``"yes"`` / ``"no"`` when a gold answer is exactly a yes/no answer, else ``None``."""
+    toks = tokens(answer)
+    if toks in (["yes"], ["no"]):
+        return toks[0]
+    joined = "".join(toks)
+    if joined in ("否", "不是", "没有", "无", "不"):
+        return "no"
+    if joined in ("是", "有", "是的", "对"):
+        return "yes"
+    return None
+
+
+def alternatives(question: object) -> tuple[str, str] | None:
+    """The single words on each side of the last ``or`` of a question (``"Is it CT or MRI?"`` -> ``("ct",
+    "mri")``), or ``None``."""
+    toks = tokens(question)
+    idx = max((i for i, t in enumerate(toks) if t == "or"), default=-1)
+    if idx <= 0 or idx + 1 >= len(toks):
+        return None
+    return toks[idx - 1], toks[idx + 1]
+
+
+def option_letter(
+    text: object,
+    letters: Sequence[str] = ("A", "B", "C", "D"),
+    choices: Sequence[tuple[str, str]] | None = None,
+) -> str | None:
+    """The option a multiple-choice answer picks, or ``None`` when it picks none or is ambiguous.
+
+    Recognised: a bare letter (``"B"``, ``"(b)"``, ``"B."``), a leading ``"B: ..."`` / ``"B) ..."`` / ``"(b) ..."``,
+    ``"option B"`` / ``"choice b"`` / ``"the answer is B"``, a single ``"(B)"`` anywhere, and, failing those,
+    the text of exactly one choice (the whole answer, or one choice's words appearing in it). A lower-case ``a``
+    counts only where it cannot be the article.
+    """
+    raw = unicodedata.normalize("NFKC", str(text)).strip()
+    up = "".join(letters)
+    lo = up.lower()
+    if not up:
+        return None
+    rules = [
+        rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$",  # the whole answer is a letter
+        rf"^\(\s*([{up}{lo}])\s*\)",  # "(b) ..."
+        rf"^([{up}])\s*[).:]",  # "B: ...", "B) ...", "B. ..."
+        rf"^([{lo}])\)",  # "b) ..."
+        rf"(?i:\b(?:option|choice))\s*[:\-]?\s*\(?([{up}{lo}])(?![\w])",  # "option B", "choice (b)"
+        rf"(?i:\banswer(?:\s+is)?)\s*[:\-]?\s*(?:\(([{up}{lo}])\)|([{up}])(?!\w))",  # "answer is B", "answer: (b)"
+    ]
+    for rule in rules:
+        m = re.search(rule, raw)
+        if m:
+            return next(g for g in m.groups() if g).upper()
+    bracketed = set(re.findall(rf"\(([{up}])\)", raw))
+    if len(bracketed) == 1:
+        return bracketed.pop()
+    if choices:
+        pred = tokens(raw)
+        exact = [k for k, v in choices if tokens(v) and tokens(v) == pred]
+        if len(exact) == 1:
+            return exact[0]
+        found = [k for k, v in choices if contains_phrase(pred, tokens(v))]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------- LLaVA-Med compatibility
+_LM_PUNCT = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
+_LM_DIGIT_COMMA = re.compile(r"\d,\d")
+_LM_PERIOD = re.compile(r"\.(?!\d)")
+_LM_NUMBERS = {"none": "0", **{w: n for w, n in _WORD_NUMBERS.items() if int(n) <= 10}}
+#: apostrophe-less spellings restored (the common subset of the VQA contraction table)
+_LM_CONTRACTIONS = {
+    w.replace("'", ""): w
+    for w in [
+        "ain't",
+        "aren't",
+        "can't",
+        "couldn't",
+        "didn't",
+        "doesn't",
+        "don't",
+        "hadn't",
+        "hasn't",
+        "haven't",
+        "isn't",
+        "wasn't",
+        "weren't",
+        "won't",
+        "wouldn't",
+        "shouldn't",
+        "mustn't",
+        "i'm",
+        "i've",
+        "you're",
+        "you've",
+        "they're",
+        "they've",
+        "that's",
+        "there's",
+        "what's",
+        "who's",
+    ]
+}
+
+
+def llava_med_normalize(text: object) -> str:
+    """LLaVA-Med's answer normaliser (lower case, VQA punctuation rules, periods, number words, articles).
+
+    Punctuation from a fixed list is deleted when the text has that character next to a space (or has a
+    digit-comma-digit anywhere), otherwise replaced by a space; colons, apostrophes and periods are not in the
+    list. Periods not followed by a digit are then deleted (at most 32, as in the original). ``none`` and
+    ``zero``...``ten`` become digits, ``a``/``an``/``the`` are dropped, common contractions get their apostrophe
+    back, and commas are removed.
+    """
+    original = str(text).lower()
+    out = original
+    digit_comma = _LM_DIGIT_COMMA.search(original) is not None
+    for p in _LM_PUNCT:
+        if digit_comma or f"{p} " in original or f" {p}" in original:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _LM_PERIOD.sub("", out, count=32)
+    words = []
+    for w in out.split():
+        w = _LM_NUMBERS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_LM_CONTRACTIONS.get(w, w))
+    return " ".join(words).replace(",", "")
