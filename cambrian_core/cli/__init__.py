@@ -18,6 +18,7 @@ _CORE_COMMANDS = [
     "cambrian_core.cli.data_cmd",
     "cambrian_core.cli.train_cmd",
     "cambrian_core.cli.models_cmd",
+    "cambrian_core.cli.export_cmd",
     "cambrian_core.cli.infer_cmd",
     "cambrian_core.cli.serve_cmd",
     "cambrian_core.cli.demo_cmd",

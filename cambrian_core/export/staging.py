@@ -1,0 +1,70 @@
+"""Write an output folder atomically: build it under a temporary name next to its destination, then rename.
+
+A failed or interrupted export leaves nothing at the destination (and an existing folder untouched unless
+``overwrite`` is set, in which case it is replaced only once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["fsync_tree", "staged_folder"]
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some file systems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (so a rename publishes complete data)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes ``out`` when the block succeeds.
+
+    Args:
+        out: destination folder.
+        overwrite: replace an existing ``out`` (only after the new folder is complete).
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is not set.
+    """
+    dest = Path(out).expanduser().resolve()
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; choose another output folder or pass --overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        backup = None
+        if dest.exists():
+            backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, backup)
+        os.rename(tmp, dest)
+        _fsync(dest.parent)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
