@@ -78,13 +78,13 @@ def write_dataset(root: Path, n: int = 24, seed: int = 0, text_only_every: int =
     return path
 
 
-def train_cfg(data: Path, work_dir: Path, **over: Any) -> dict[str, Any]:
+def train_cfg(records: Path, work_dir: Path, **over: Any) -> dict[str, Any]:
     """A complete training config dict for the tiny model (fp32, no TensorBoard, no plot unless asked)."""
     cfg: dict[str, Any] = {
         "model": tiny_model_cfg(),
         "stage": "pretrain",
         "runner": {"type": "single", "device": "cpu"},
-        "data": {"train": str(data), "batch_size": 2, "max_length": 256},
+        "data": {"train": str(records), "batch_size": 2, "max_length": 256},
         "optim": {"lr": 1e-3},
         "schedule": {"max_steps": 6, "warmup_ratio": 0.0, "precision": "fp32"},
         "checkpoint": {"interval": 3, "keep_last": 2, "export": False},

@@ -35,7 +35,7 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([i])
             room.append(capacity - lengths[i])
-    return [sorted(r) for r in rows]
+    return sorted((sorted(r) for r in rows), key=lambda r: r[0])  # rows in input order
 
 
 class Collator:

@@ -1,12 +1,14 @@
 """Optimiser parameter groups with per-module learning rates, the warmup + cosine schedule, lr scaling.
 
-``lr_groups`` maps a module prefix (``"connector.samplers"``) to its learning rate; every trainable parameter
-goes to the group of its longest matching prefix (or the base lr), split into weight-decay and no-decay halves
-(biases, norms and other 1-D tensors never decay), as in reference §C.4 but with any number of special lrs.
+``lr_groups`` maps a module prefix (``"connector.mm_projector"``) or a glob (``"connector.vision_sampler*"``) to
+its learning rate; every trainable parameter goes to the group of its longest matching key (or the base lr),
+split into weight-decay and no-decay halves (biases, norms and other 1-D tensors never decay), as in
+reference §C.4 but with any number of special lrs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -36,8 +38,14 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
+def _matches(name: str, key: str) -> bool:
+    if any(c in key for c in "*?["):
+        return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, key + ".*")
+    return key == "" or name == key or name.startswith(key + ".")
+
+
 def _matching_prefix(name: str, prefixes: Iterable[str]) -> str | None:
-    hits = [p for p in prefixes if p == "" or name == p or name.startswith(p + ".")]
+    hits = [p for p in prefixes if _matches(name, p)]
     return max(hits, key=len) if hits else None
 
 

@@ -323,6 +323,14 @@ class TrainRecipe:
             perm = np.random.default_rng(self.seed).permutation(len(index))
             n_val = round(len(index) * d.val_fraction)
             val_index, train_ids, val_ids = index, np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        if not any(p.requires_grad for p in model.llm.parameters()):
+            # nothing a text-only sample reaches trains in this stage (the LLM is frozen): it carries no gradient
+            text_only = train_ids[index.num_images[train_ids] == 0]
+            if len(text_only):
+                train_ids = train_ids[index.num_images[train_ids] > 0]
+                self.announce(
+                    f"setup: {len(text_only)} text-only samples left out (the LLM is frozen in this stage)"
+                )
         self.train_set = LazySupervisedDataset(index, subset=train_ids, **common)
         self.val_set = (
             LazySupervisedDataset(val_index, subset=val_ids, **common) if d.val or len(val_ids) else None
@@ -542,6 +550,11 @@ class TrainRecipe:
                         )
                     batch, weight = fallback, 0.0  # keeps ranks in lock-step; contributes no gradient
                 loss = r.forward(batch)
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        f"the loss of samples {batch.get('indices')} reaches no trainable weight (text-only samples "
+                        "while only the connector trains?); check the stage and the data"
+                    )
                 value = float(loss.detach().float().cpu())
                 bad = r.all_reduce(torch.tensor([0.0 if np.isfinite(value) else 1.0]), "max")
                 if bad.item():

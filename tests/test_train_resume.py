@@ -1,0 +1,160 @@
+"""Checkpoints: a resumed run's losses equal the uninterrupted run's; kill -9 during a save is harmless."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import run, train_cfg, write_dataset
+from mmengine.config import Config
+from safetensors.torch import load_file
+
+from cambrian_core.train.checkpoint import CheckpointError, CheckpointManager, is_complete
+from cambrian_core.train.recipe import TrainRecipe
+
+TESTS = Path(__file__).parent
+# 16 samples, 2 per micro-batch, 2 micro-batches per update: 4 updates per epoch, so 6 steps cross an epoch
+OVER = {
+    "data": {"batch_size": 2},
+    "schedule": {"max_steps": 6, "grad_accum": 2, "warmup_ratio": 0.3},
+    "checkpoint": {"interval": 2, "keep_last": 2},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bitwise comparisons need one BLAS thread: MKL may otherwise split reductions differently run to run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), n=16)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(records: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    out = run(train_cfg(records, tmp_path_factory.mktemp("full"), **OVER))
+    assert out["step"] == 6
+    return out["losses"]
+
+
+def test_stop_and_resume_gives_identical_losses(
+    records: Path, uninterrupted: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = TrainRecipe.save
+
+    def save_then_stop(self: TrainRecipe) -> Path:
+        real_save(self)
+        raise KeyboardInterrupt  # Ctrl-C right after the step-2 checkpoint
+
+    monkeypatch.setattr(TrainRecipe, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cfg(records, tmp_path, **OVER))
+    monkeypatch.setattr(TrainRecipe, "save", real_save)
+    assert [p.name for p in CheckpointManager(tmp_path / "checkpoints").complete()] == ["step_00000002"]
+
+    resumed = run(train_cfg(records, tmp_path, **OVER), resume="auto")
+    assert resumed["step"] == 6
+    assert resumed["losses"] == uninterrupted  # bit for bit: weights, optimiser, schedule, sampler, RNG
+
+
+def test_kill_during_save_keeps_previous_checkpoint(
+    records: Path, uninterrupted: list[float], tmp_path: Path
+) -> None:
+    cfg_path = tmp_path / "tiny.py"
+    Config(train_cfg(records, tmp_path / "work", **OVER)).dump(str(cfg_path))
+    mark = tmp_path / "saving"
+    script = tmp_path / "train_and_hang.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            from pathlib import Path
+            sys.path.insert(0, {str(TESTS)!r})
+            from cambrian_core.train import checkpoint as ck
+            real = ck.CheckpointManager.save
+            def save(self, step, write):
+                if step != 4:
+                    return real(self, step, write)
+                def hang(tmp):
+                    write(tmp)  # weights and optimiser written, COMPLETE not yet, no rename
+                    Path({str(mark)!r}).write_text("x")
+                    time.sleep(300)
+                return real(self, step, hang)
+            ck.CheckpointManager.save = save
+            from cambrian_core.cli import main
+            sys.exit(main(["train", {str(cfg_path)!r}]))
+            """
+        )
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while not mark.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"training never reached the step-4 save: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    ckpts = tmp_path / "work" / "checkpoints"
+    partial = ckpts / ".tmp-step_00000004"
+    assert partial.is_dir() and (partial / "trainable.safetensors").is_file() and not is_complete(partial)
+    manager = CheckpointManager(ckpts)
+    assert manager.latest() == ckpts / "step_00000002"
+    good = manager.latest()
+    assert set(load_file(str(good / "trainable.safetensors"))) == {
+        "connector.mm_projector.0.weight",
+        "connector.mm_projector.0.bias",
+        "connector.mm_projector.2.weight",
+        "connector.mm_projector.2.bias",
+        "image_newline",
+    }
+    assert torch.load(good / "state.pt", weights_only=True)["step"] == 2
+
+    from cambrian_core.cli import main
+
+    assert main(["train", str(cfg_path), "--resume", "auto"]) == 0
+    assert [p.name for p in manager.complete()] == ["step_00000004", "step_00000006"]
+    assert not partial.exists()  # the next save cleared the debris
+    history = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    after = {r["step"]: r["loss"] for r in history if r["split"] == "train"}
+    assert [after[s] for s in (3, 4, 5, 6)] == uninterrupted[2:]
+
+
+def test_manager_completeness_pruning_and_errors(tmp_path: Path) -> None:
+    m = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        m.save(step, lambda d, s=step: (d / "w.bin").write_bytes(b"x" * s))
+    assert [p.name for p in m.complete()] == ["step_00000002", "step_00000003"]
+    (tmp_path / "step_00000003" / "w.bin").write_bytes(b"x")  # truncated after the fact
+    assert m.latest() == tmp_path / "step_00000002"
+    assert m.resolve("auto") == tmp_path / "step_00000002"
+    assert m.resolve(tmp_path) == tmp_path / "step_00000002"
+    assert m.resolve(None) is None and CheckpointManager(tmp_path / "none").resolve("auto") is None
+    with pytest.raises(CheckpointError, match="no such folder"):
+        m.resolve(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        m.resolve(tmp_path / "empty")
