@@ -124,7 +124,8 @@ class BundledDemo(Converter):
             raise LayoutError(f"bundled demo data unavailable: {exc}") from exc
 
     def iter_cases(self) -> Iterator[Case | Reject]:
-        chest = ImageRef(str(dicom_file(CHEST_DICOM)), kind="dicom")
+        # the file's own VOI window spans the whole 15-bit range (washed out); robust percentiles show the lungs
+        chest = ImageRef(str(dicom_file(CHEST_DICOM)), kind="dicom", options={"window": "percentile"})
         try:
             reports = iu_reports(self.num_reports)
         except AssetError as exc:
