@@ -169,6 +169,16 @@ def plot(results: Mapping[str, Any], path: str | Path) -> Path | None:
     ax.set_title(f"{results['benchmark']} / {results['split']} (n={results['n_items']})", fontsize=10)
     for i, v in enumerate(values):
         ax.text(i, min(v + 2, 100), f"{v:.1f}", ha="center", fontsize=7)
+    from matplotlib.patches import Patch
+
+    present = list(dict.fromkeys(m["family"] for m in metrics))
+    ax.legend(
+        handles=[Patch(color=colors.get(f, "#718096"), label=f) for f in present],
+        fontsize=7,
+        loc="lower right",
+        title="scorer",
+        title_fontsize=7,
+    )
     if axes_n == 2:
         jx = axes[0][1]
         names = list(judge["axes"])

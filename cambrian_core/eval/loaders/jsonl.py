@@ -8,7 +8,7 @@
   accepted too): turn 0 is the question (its ``<image>`` markers are removed), turn 1 the answer;
 * ``answer_type``: ``closed`` / ``open`` (any case, stray spaces allowed); default: closed for yes/no answers;
 * optional ``question_type``, ``lang``, and ``choices`` (``{"A": text, ...}`` or a list lettered A, B, ...) with
-  ``answer_label`` (or a one-letter ``answer``) for multiple choice.
+  ``answer_label`` (or a one-letter ``answer``) for multiple choice; ``answer`` may then be left out.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def parse_record(record: dict[str, Any], where: str, image_folder: Path, index: 
             raise DataLayoutError(f"{where}: conversations must hold the question turn and the answer turn")
         question = question if question is not None else conv[0].get("value")
         answer = answer if answer is not None else conv[1].get("value")
+    if answer is None and record.get("choices") is not None and record.get("answer_label") is not None:
+        answer = ""  # multiple choice: the gold letter's text is filled in below
     if question is None or answer is None:
         raise DataLayoutError(
             f"{where}: needs `question` and `answer` (or LLaVA `conversations`); it has {sorted(record)}"
