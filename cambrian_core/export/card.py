@@ -76,7 +76,8 @@ def find_sources(folder: str | os.PathLike[str]) -> CardSources:
                 manifests.append(cand)
     evals = [folder / n for n in _EVAL_NAMES if (folder / n).is_file()]
     for sub in ("eval", "evaluation"):
-        evals += sorted((folder / sub).glob("*.json"))
+        evals += sorted(p for p in (folder / sub).glob("*.json") if p.name != "run.json")
+        evals += sorted(p for p in (folder / sub).glob("*/**/results.json"))
     return CardSources(training, manifests, evals)
 
 
@@ -111,6 +112,35 @@ def _flat_numbers(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [(prefix, value)]
     return []
+
+
+def _evaluation(path: Path) -> list[str]:
+    """A results table: ``cambrian eval``'s ``results.json`` (metrics with CIs) or any JSON of numbers."""
+    doc = _json(path)
+    metrics = doc.get("metrics") if isinstance(doc, Mapping) else None
+    if (
+        isinstance(metrics, Mapping)
+        and metrics
+        and all(isinstance(m, Mapping) and "value" in m for m in metrics.values())
+    ):
+        title = " / ".join(str(doc[k]) for k in ("benchmark", "split") if doc.get(k)) or path.name
+        out = [
+            "",
+            f"## Evaluation: {title}",
+            "",
+            "| metric | value (%) | CI (%) | n |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, m in metrics.items():
+            ci = m.get("ci") or (None, None)
+            ci_text = f"{100 * ci[0]:.2f} - {100 * ci[1]:.2f}" if None not in ci else ""
+            out.append(f"| {m.get('label', key)} | {100 * m['value']:.2f} | {ci_text} | {m.get('n', '')} |")
+        return out
+    numbers = _flat_numbers(doc)
+    if not numbers:
+        return []
+    out = ["", f"## Evaluation (`{path.name}`)", "", "| metric | value |", "|---|---|"]
+    return out + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in numbers]
 
 
 def _architecture(cfg: Mapping[str, Any], llm_config: Mapping[str, Any] | None) -> list[str]:
@@ -190,10 +220,7 @@ def model_card(
                 )
                 lines.append(f"| {name} | {text} |")
     for path in sources.evals:
-        numbers = _flat_numbers(_json(path))
-        if numbers:
-            lines += ["", f"## Evaluation (`{path.name}`)", "", "| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in numbers]
+        lines += _evaluation(path)
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,129 @@
+"""``cambrian export hf``: plain ``LlavaForConditionalGeneration`` (no remote code) and ``trust_remote_code`` folders."""
+
+from __future__ import annotations
+
+import json
+
+import export_helpers as H
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+from cambrian_core.cli import main
+from cambrian_core.export.hf import export_hf
+from cambrian_core.export.hf_llava import NEWLINE_TOKEN, expand_image_ids, expand_image_tokens
+from cambrian_core.model.io import load_model
+
+
+def _llava_inputs(hf, tok, model, batch):
+    ids, mask = expand_image_ids(
+        batch["input_ids"],
+        batch["attention_mask"],
+        hf.config.image_token_id,
+        tok.convert_tokens_to_ids(NEWLINE_TOKEN),
+        model.grid,
+    )
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    ("tower", "kwargs", "strategy"), [("clip", {}, "default"), ("siglip_hf", {"select_layer": -1}, "full")]
+)
+def test_llava_export_loads_in_plain_transformers_with_identical_logits(tmp_path, tower, kwargs, strategy):
+    model = H.make(H.mlp_config(tower, **kwargs))
+    src = model.save_pretrained(str(tmp_path / "ours"))
+    assert main(["export", "hf", src, str(tmp_path / "hf")]) == 0
+    out = tmp_path / "hf"
+    assert not list(out.glob("*.py"))  # no remote code
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert hf.config.vision_feature_select_strategy == strategy
+    batch = H.inputs(model)
+    ids, mask = _llava_inputs(hf, tok, model, batch)
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"][0]).logits
+    assert ours.shape[:2] == theirs.shape[:2]
+    keep = mask.bool()
+    assert torch.allclose(ours[keep], theirs[keep][:, : ours.shape[-1]], atol=1e-5, rtol=0)
+    # greedy generation: the added image tokens are suppressed, so the continuations agree
+    one_ids, one_mask = ids[:1], mask[:1]
+    new = hf.generate(
+        input_ids=one_ids,
+        attention_mask=one_mask,
+        pixel_values=batch["pixel_values"][0],
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    ref = model.generate(
+        batch["input_ids"][:1],
+        batch["attention_mask"][:1],
+        pixel_values=batch["pixel_values"],
+        max_new_tokens=6,
+    )
+    assert new[0, one_ids.shape[1] :].tolist() == ref[0].tolist()
+
+
+def test_prompt_expansion_matches_the_id_expansion(tmp_path):
+    model = H.make(H.mlp_config())
+    out = export_hf(model.save_pretrained(str(tmp_path / "ours")), tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(out)
+    hf_cfg = json.loads((out / "config.json").read_text())
+    prompt = "What is <image> here"
+    ids = tok(expand_image_tokens(prompt, model.grid), add_special_tokens=False)["input_ids"]
+    assert (
+        ids.count(hf_cfg["image_token_index"]) == 16
+        and ids.count(tok.convert_tokens_to_ids(NEWLINE_TOKEN)) == 4
+    )
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert hf_cfg["image_token_index"] in gen["suppress_tokens"]
+    card = (out / "README.md").read_text()
+    assert "LlavaForConditionalGeneration" in card and '("<image>" * 4 + "<image_newline>") * 4' in card
+
+
+def test_models_llava_cannot_hold_are_refused_with_reasons(tmp_path):
+    sva = H.make(H.sva_config())
+    src = sva.save_pretrained(str(tmp_path / "sva"))
+    with pytest.raises(
+        ValueError, match=r"Llava has one vision tower; this model has 2.*connector is SVAConnector"
+    ):
+        export_hf(src, tmp_path / "out", fmt="llava")
+    post_norm = H.make(H.mlp_config("siglip_hf"))  # select_layer=None: after the final norm
+    src = post_norm.save_pretrained(str(tmp_path / "pn"))
+    with pytest.raises(ValueError, match="select_layer=None"):
+        export_hf(src, tmp_path / "out", fmt="llava")
+    assert not (tmp_path / "out").exists()
+    # auto falls back to remote code for it
+    out = export_hf(src, tmp_path / "auto")
+    assert (out / "modeling_cambrian.py").is_file()
+
+
+def test_sva_remote_code_export_generates_our_tokens(tmp_path):
+    model = H.make(H.sva_config())
+    src = model.save_pretrained(str(tmp_path / "ours"))
+    assert main(["export", "hf", src, str(tmp_path / "hf")]) == 0
+    out = tmp_path / "hf"
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(hf).__name__ == "CambrianForCausalLM"
+    batch = H.inputs(model)
+    assert torch.equal(H.logits(model, batch), hf(**batch).logits)
+    ours = model.generate(
+        batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], max_new_tokens=8
+    )
+    theirs = hf.generate(
+        batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], max_new_tokens=8
+    )
+    assert torch.equal(ours, theirs)
+    assert torch.equal(H.logits(load_model(out), batch), H.logits(model, batch))  # still a cambrian folder
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_cambrian.CambrianForCausalLM"
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+
+
+def test_remote_export_can_cast(tmp_path):
+    model = H.make(H.sva_config())
+    src = model.save_pretrained(str(tmp_path / "ours"))
+    out = export_hf(src, tmp_path / "hf", fmt="remote", dtype="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert json.loads((out / "cambrian_config.json").read_text())["model"]["llm"]["dtype"] == "bfloat16"
