@@ -131,13 +131,19 @@ class MultiKVCrossAttention(nn.Module):
         if win.mask is not None:
             logits = logits.masked_fill(~win.mask[:, :, None, :], float("-inf"))
         attn = logits.softmax(dim=-1).split([s.shape[-1] for s in scores], dim=-1)
-        out = sum(v(a) for v, a in zip(values, attn, strict=True))
+        out = None
+        for value, a in zip(values, attn, strict=True):
+            out = value(a, out)
         return self.o_proj(out.flatten(2).to(z.dtype))
+
+
+#: adds a tower's attention output ``[B, q*q, h, d]`` for its attention slice to an accumulator (or starts one)
+Value = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _one_key(
     q: torch.Tensor, p: torch.Tensor, k_proj: nn.Sequential, v_proj: nn.Sequential
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+) -> tuple[torch.Tensor, Value]:
     """A tower with one key per cell: K and V projected directly (as many rows as query cells).
 
     Returns the scores ``[B, q*q, h, 1]`` (fp32) and the function taking the attention slice to the output.
@@ -146,7 +152,11 @@ def _one_key(
     x = p[:, :, 0]  # [B, q*q, C]
     k = k_proj(x).unflatten(-1, (h, d))
     v = v_proj(x).unflatten(-1, (h, d))
-    return (q * k).sum(-1, keepdim=True).float(), lambda a: a * v
+
+    def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        return a * v if acc is None else acc.addcmul_(a, v)
+
+    return (q * k).sum(-1, keepdim=True).float(), value
 
 
 def _window_keys(
@@ -156,7 +166,7 @@ def _window_keys(
     k_proj: nn.Sequential,
     v_proj: nn.Sequential,
     pos: torch.Tensor | None,
-) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+) -> tuple[torch.Tensor, Value]:
     """A tower with ``R = r*r`` keys per cell, without ever forming its keys or values.
 
     With ``x = p + pos`` and ``LN(x) = (x - mu) / sigma * gamma + beta``, a score is
@@ -177,30 +187,33 @@ def _window_keys(
         var = var + pos_var + 2 * (dot - mu * pos_mu)
         mu = mu + pos_mu
     inv = torch.rsqrt(var + LN_EPS)  # [B, q*q, R]
-    u = torch.einsum("bnhd,hdc->bnhc", q, wk.view(h, d, c))  # query in key space
-    if n == 1:  # one query per image: one GEMM over the whole map
-        raw = torch.einsum("bqrc,bhc->bqhr", p, u[:, 0])
-    else:
-        raw = torch.einsum("bqrc,bqhc->bqhr", p, u)
+    # query into key space, per head: u [h, B*n, C]
+    u = torch.bmm(q.reshape(b * n, h, d).transpose(0, 1), wk.view(h, d, c))
+    # scores against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM over the whole map)
+    raw = torch.bmm(p.view(b * n, -1, c), u.permute(1, 2, 0)).view(b, cells, r2, h)
     if pos is not None:
-        raw = raw + torch.einsum("rc,bnhc->bnhr", pos, u)
+        raw = raw + torch.matmul(u, pos.T).permute(1, 2, 0).reshape(b, n, r2, h)
     u_sum = torch.einsum("bnhd,hd->bnh", q, wk.sum(-1).view(h, d).to(q.dtype))  # sum_c u, without reading u
-    raw = raw.float() - mu[:, :, None, :] * u_sum.unsqueeze(-1).float()
-    scores = raw * inv[:, :, None, :]
+    raw = raw.float() - mu.unsqueeze(-1) * u_sum.unsqueeze(2).float()
+    scores = (raw * inv.unsqueeze(-1)).transpose(-1, -2)  # [B, q*q, h, R]
     if bk is not None:
         scores = scores + torch.einsum("bnhd,hd->bnh", q, bk.view(h, d).to(q.dtype)).unsqueeze(-1).float()
+    wv_t = wv.view(h, d, c).transpose(1, 2)  # [h, C, d]
 
-    def value(a: torch.Tensor) -> torch.Tensor:
-        w = a * inv[:, :, None, :]  # attention over sigma: weights of the raw window rows
-        summed = torch.einsum("bqhr,bqrc->bqhc", w.to(p.dtype), p)
-        out = torch.einsum("bqhc,hdc->bqhd", summed, wv.view(h, d, c))
-        shift = (w * mu[:, :, None, :]).sum(-1, keepdim=True)  # the mu part, through W_v
-        out = out - shift * wv.sum(-1).view(h, d)
-        if pos is not None:
-            out = out + torch.einsum("bqhr,rhd->bqhd", w, F.linear(pos, wv).view(r2, h, d).float())
+    def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        w = a * inv.unsqueeze(2)  # [B, q*q, h, R]: attention over sigma = weights of the raw window rows
+        summed = torch.bmm(w.to(p.dtype).reshape(b * cells, h, r2), p.view(b * cells, r2, c))  # [B*q*q, h, C]
+        out = torch.bmm(summed.transpose(0, 1), wv_t)  # [h, B*q*q, d]
+        w_h = w.permute(2, 0, 1, 3).reshape(h, b * cells, r2)
+        if pos is not None:  # pos part of the rows, projected once: [h, R, d]
+            out = torch.baddbmm(out, w_h.to(out.dtype), F.linear(pos, wv).view(r2, h, d).transpose(0, 1))
+        shift = (w * mu.unsqueeze(2)).sum(-1).permute(2, 0, 1).reshape(h, b * cells, 1)  # the mu part
+        out = out.addcmul_(shift.to(out.dtype), wv.sum(-1).view(h, 1, d).to(out.dtype), value=-1)
         if bv is not None:
-            out = out + a.sum(-1, keepdim=True) * bv.view(h, d)
-        return out
+            total = a.sum(-1).permute(2, 0, 1).reshape(h, b * cells, 1)
+            out = out.addcmul_(total.to(out.dtype), bv.view(h, 1, d).to(out.dtype))
+        out = out.transpose(0, 1).view(b, cells, h, d)
+        return out if acc is None else acc.add_(out)
 
     return scores, value
 

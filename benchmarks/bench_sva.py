@@ -1,0 +1,204 @@
+"""SVA connector speed at the Cambrian-8B connector shape, against a plain matmul measured in the same run.
+
+Times the SVA forward and forward+backward (batch 1, C=1024, towers 1152/1024/1536/5760 wide at
+576/576/576/9216 tokens -> window sides 1,1,1,4 on a 24x24 query grid, depth 3, LLM width 4096) in fp32
+and in bf16 autocast; reports ms, achieved GFLOP/s from an analytic FLOP count and the ratio to the
+GFLOP/s of a plain ``torch.mm`` of two 4096x4096 matrices in the same dtype.
+
+Backward is timed twice: with the tower features frozen (stage 1: towers frozen, connector trained) and
+with the features requiring grad (what a trainable tower would need).
+
+Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from cambrian_core import CONNECTORS, build
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "cambrian-8b": dict(
+        in_channels=[1152, 1024, 1536, 5760],
+        in_token_lens=[576, 576, 576, 9216],
+        out_dim=4096,
+        token_len=576,
+        vision_hidden_size=1024,
+        connector_depth=3,
+        num_heads=16,
+    ),
+    "quick": dict(  # a quarter of the widths, half the grid sides
+        in_channels=[288, 256, 384, 1440],
+        in_token_lens=[144, 144, 144, 2304],
+        out_dim=1024,
+        token_len=144,
+        vision_hidden_size=256,
+        connector_depth=3,
+        num_heads=16,
+    ),
+}
+
+#: (forward efficiency vs peak, fwd+bwd / forward) targets per dtype
+TARGETS = {"fp32": (0.85, 2.6), "bf16": (0.75, 3.0)}
+
+
+def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
+    """Analytic multiply-add FLOPs (2 per MAC) of one SVA forward.
+
+    ``executed``: what this implementation computes; ``reference``: the algorithm of reference §B.4 as
+    written (every cell projects its shared query and every key); ``frozen_input``: the part of the
+    backward that is skipped when the tower features do not require grad (d/dx of the first Linear).
+    """
+    c, out_dim, f2 = cfg["vision_hidden_size"], cfg["out_dim"], cfg["token_len"]
+    heads, depth = cfg["num_heads"], cfg["connector_depth"]
+    queries = cfg.get("query_num_list") or [f2]
+    sides = [math.isqrt(n) for n in cfg["in_token_lens"]]
+    proj = sum(2 * n * (h * c + c * c) for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True))
+    executed = reference = proj
+    for qn in queries:
+        q = math.isqrt(qn)
+        keys = [(s // q) ** 2 for s in sides]
+        for layer in range(depth):
+            n = 1 if layer == 0 else qn  # first layer: one shared query per image
+            executed += 4 * c * c + 4 * n * c * c  # context half of proj_in (+proj_context), X half, q_proj
+            for r2 in keys:
+                if r2 == 1:
+                    executed += 4 * qn * c * c + 3 * qn * c  # k and v projections, scores, weighting
+                else:  # query into key space, scores, pos terms, window sums, value projection
+                    executed += 2 * n * c * c + 2 * qn * r2 * c * heads + 2 * n * heads * r2 * c
+                    executed += 2 * qn * r2 * c * r2 + 2 * qn * heads * r2 * c + 2 * qn * c * c
+                    executed += 2 * r2 * c * c + 2 * qn * r2 * c
+            executed += 6 * qn * c * c  # o_proj, MLP
+            reference += 2 * qn * c * c + 4 * qn * c * c + 2 * qn * c * c  # proj_context, proj_in, q_proj
+            reference += sum(4 * qn * r2 * c * c for r2 in keys) + 4 * qn * sum(keys) * c
+            reference += 6 * qn * c * c
+    head = 2 * f2 * (len(queries) * c * out_dim + out_dim * out_dim)
+    executed += head
+    reference += head
+    frozen = sum(2 * n * h * c for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True))
+    return {"executed": batch * executed, "reference": batch * reference, "frozen_input": batch * frozen}
+
+
+class Timing(NamedTuple):
+    """Best (minimum) seconds of a repeated call, by two clocks."""
+
+    wall: float  #: wall-clock seconds
+    cpu: float  #: process CPU seconds / threads (excludes time other processes held our cores)
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> Timing:
+    """Minimum wall-clock and CPU time of ``repeats`` calls after one warm-up call."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w0)
+        cpu.append((time.process_time() - c0) / torch.get_num_threads())
+    return Timing(min(wall), min(cpu))
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int) -> Timing:
+    """Seconds of a plain ``torch.mm`` of two 4096x4096 matrices (output preallocated)."""
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    out = torch.empty(4096, 4096, dtype=dtype)
+    return best_of(lambda: torch.mm(a, b, out=out), repeats)
+
+
+def run(shape: str, dtype_name: str, repeats: int) -> dict[str, Any]:
+    """Time forward and both forward+backward variants; print the table and the target verdicts."""
+    cfg = SHAPES[shape]
+    torch.manual_seed(0)
+    model = build(CONNECTORS, {"type": "sva", **cfg})
+    flops = sva_flops(cfg)
+    low = torch.bfloat16 if dtype_name == "bf16" else None
+    feat_dtype = low or torch.float32  # bf16 towers hand bf16 features to the connector
+    lens, widths = cfg["in_token_lens"], cfg["in_channels"]
+    feats = [torch.randn(1, n, h, dtype=feat_dtype) for n, h in zip(lens, widths, strict=True)]
+    grad = torch.randn(1, cfg["token_len"], cfg["out_dim"], dtype=low or torch.float32)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low is not None):
+            return model(feats).tokens
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        for f in feats:
+            f.grad = None
+        forward().backward(grad)
+
+    peak = matmul_peak(low or torch.float32, repeats + 1)
+    fwd = best_of(forward, repeats)
+    steps = {}
+    for needs_grad in (False, True):
+        for f in feats:
+            f.requires_grad_(needs_grad)
+        steps[needs_grad] = best_of(train_step, repeats)
+    peak_after = matmul_peak(low or torch.float32, repeats + 1)
+    peak = Timing(min(peak.wall, peak_after.wall), min(peak.cpu, peak_after.cpu))
+
+    eff_target, ratio_target = TARGETS[dtype_name]
+    mm_flops = 2 * 4096**3
+    step_flops = {g: 3 * flops["executed"] - (0 if g else flops["frozen_input"]) for g in (False, True)}
+    ideal = {g: step_flops[g] / flops["executed"] for g in (False, True)}
+    labels = {False: "fwd+bwd, features frozen (stage 1)", True: "fwd+bwd, features require grad"}
+    result: dict[str, Any] = {}
+    print(f"\n[{dtype_name}] forward executes {flops['executed'] / 1e9:.1f} GFLOP")
+    for clock in ("wall", "cpu"):
+        pk = mm_flops / getattr(peak, clock) / 1e9
+        t_fwd = getattr(fwd, clock)
+        eff = flops["executed"] / t_fwd / 1e9 / pk
+        print(f"  clock: {clock}; plain torch.mm 4096x4096 peak {pk:.1f} GFLOP/s")
+        print(f"    {'forward':<36} {t_fwd * 1e3:9.1f} ms {flops['executed'] / t_fwd / 1e9:8.1f} GFLOP/s")
+        for g in (False, True):
+            t = getattr(steps[g], clock)
+            print(
+                f"    {labels[g]:<36} {t * 1e3:9.1f} ms {step_flops[g] / t / 1e9:8.1f} GFLOP/s  "
+                f"{t / t_fwd:.2f}x forward (FLOP ratio {ideal[g]:.2f}x)"
+            )
+        verdicts = [f"forward {eff:.1%} of peak (target >= {eff_target:.0%}: {_met(eff >= eff_target)})"]
+        for g in (False, True):
+            ratio = getattr(steps[g], clock) / t_fwd
+            verdicts.append(
+                f"{labels[g]} {ratio:.2f}x (target <= {ratio_target}x: {_met(ratio <= ratio_target)})"
+            )
+        print("    " + "\n    ".join(verdicts))
+        result[clock] = {"efficiency": eff, "ratio_frozen": getattr(steps[False], clock) / t_fwd}
+    return result
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT met"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a smaller shape (quarter widths, half grid sides)"
+    )
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed repeats after one warm-up (min is reported)"
+    )
+    args = parser.parse_args()
+    shape = "quick" if args.quick else "cambrian-8b"
+    flops = sva_flops(SHAPES[shape])
+    print(
+        f"SVA benchmark, shape {shape}: {SHAPES[shape]}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n"
+        f"analytic forward FLOPs: executed {flops['executed'] / 1e9:.1f} G; the reference algorithm as written "
+        f"needs {flops['reference'] / 1e9:.1f} G ({flops['reference'] / flops['executed']:.2f}x)"
+    )
+    for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
+        run(shape, name, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
