@@ -218,3 +218,18 @@ def test_tower_names_map_to_our_encoders(tmp_path):
         tower_config("mae-vit-h-14", hf, 256)
     with pytest.raises(ValueError, match="needs a local HF CLIP folder"):
         tower_config(H.CLIP_NAME, weights, 576)
+
+
+def test_tied_embeddings_without_a_saved_lm_head(tmp_path):
+    """transformers omits a tied ``lm_head.weight`` from checkpoints; the import ties it back."""
+    cfg = H.mlp_config()
+    cfg["llm"] = {**cfg["llm"], "config": {**cfg["llm"]["config"], "tie_word_embeddings": True}}
+    model = H.make(cfg)
+    towers = H.save_towers(model, tmp_path)
+    src = H.write_cambrian1(model, tmp_path / "c1", [H.CLIP_NAME], shards=1)
+    tied = _variant(src, tmp_path / "tied", lambda state: state.pop("lm_head.weight"))
+    out = import_cambrian1(tied, tmp_path / "out", {H.CLIP_NAME: towers[0]})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["aliases"] == {"llm.model.lm_head.weight": "llm.model.model.embed_tokens.weight"}
+    batch = H.inputs(model)
+    assert torch.equal(H.logits(model, batch), H.logits(load_model(out), batch))

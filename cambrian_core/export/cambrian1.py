@@ -184,14 +184,13 @@ def _named_tower(name: str, source: Path, select_layer: int | None) -> dict[str,
         if _is_hf_folder(source):
             cfg = {"type": "siglip_hf", "path": str(source)}
         else:
-            size = res or (384 if "384" in name else 224)
+            native = 384 if "384" in name else 224
             cfg = {
                 "type": "siglip",
-                "model_name": f"vit_so400m_patch14_siglip_{384 if '384' in name else 224}",
+                "model_name": f"vit_so400m_patch14_siglip_{native}",
                 "checkpoint": str(_weights_file(source)),
-                "image_size": size,
+                "image_size": native,
             }
-            return cfg
     elif "clip-convnext" in lower:
         large = "-xxl" not in lower and "-l" in lower
         cfg = {
@@ -199,9 +198,8 @@ def _named_tower(name: str, source: Path, select_layer: int | None) -> dict[str,
             "model_name": "convnext_large_d_320" if large else "convnext_xxlarge",
             "checkpoint": str(_weights_file(source)),
             "single_stage": "multi-stage" not in lower,
-            "image_size": res or 1024,
+            "image_size": 1024,
         }
-        return cfg
     elif "dinov2" in lower:
         if not _is_hf_folder(source):
             raise ValueError(
