@@ -184,7 +184,7 @@ def test_metrics_apply_to_one_kind() -> None:
     assert not build(METRICS, {"type": "closed_accuracy"}).applies(item("CT scan", "choice"))
 
 
-@pytest.mark.parametrize("name", METRICS.names())
+@pytest.mark.parametrize("name", [m.name for m in build_metrics()])
 def test_every_registered_metric_scores_the_gold_answer_one(name: str) -> None:
     metric = build(METRICS, {"type": name})
     cases = [item("no", "closed"), item("left lower lobe"), item("CT scan", "choice"), item("肝脏", "open")]
@@ -239,3 +239,21 @@ def test_bootstrap_is_seeded_and_brackets_the_mean() -> None:
     assert bootstrap_ci([0.25], n_boot=100) == (0.25, 0.25)
     with pytest.raises(ValueError, match="at least one score"):
         bootstrap_ci([])
+
+
+def test_default_metrics_skip_other_kinds_of_registered_metrics() -> None:
+    class NotAVQAMetric:  # what another plugin might register in METRICS
+        def __init__(self, size: int = 2) -> None:
+            self.size = size
+
+    from cambrian_core import plugins
+
+    plugins.ensure_loaded()
+    METRICS.register_module(name="zz_other_metric", module=NotAVQAMetric)
+    try:
+        names = [m.name for m in build_metrics()]
+        assert "zz_other_metric" not in names
+        assert names[:2] == ["closed_accuracy", "open_recall"] and names[-1] == "pmc_vqa_choice"
+    finally:
+        METRICS._module_dict.pop("zz_other_metric")
+        METRICS.providers.pop("zz_other_metric", None)

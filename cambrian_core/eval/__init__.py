@@ -6,8 +6,9 @@ LLM-as-judge scoring and reports (``cambrian eval``).
 * :mod:`.runner`: greedy generation through the serving engine, sharded and resumable.
 * :mod:`.metrics` (strict) and :mod:`.compat` (LLaVA-Med / PMC-VQA scorers, for comparison with published numbers).
 * :mod:`.scoring`: per-metric means, per-question-type breakdowns, seeded bootstrap confidence intervals.
-* :mod:`.judge`: 0-5 rubric grading through an OpenAI-compatible endpoint.
+* :mod:`.judge`: 0-5 rubric grading through an OpenAI-compatible endpoint (versioned prompts in :mod:`.prompts`).
 * :mod:`.report`: results JSON, markdown table, bar plot, worst-case errors file.
+* :mod:`.pipeline`: all of it in order, resumable (what ``cambrian eval`` runs).
 * :mod:`.hook`: a small dev-split evaluation a training loop can call.
 """
 

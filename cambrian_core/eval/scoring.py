@@ -18,15 +18,23 @@ class IncompletePredictionsError(ValueError):
     """Some items have no prediction yet (e.g. other shards are still running)."""
 
 
+def _is_vqa_metric(target: Any) -> bool:
+    """A :class:`Metric` subclass, or a class shaped like one (``kind``, ``applies``, ``score``)."""
+    if not isinstance(target, type):
+        return False
+    return issubclass(target, Metric) or all(hasattr(target, a) for a in ("kind", "applies", "score", "info"))
+
+
 def build_metrics(names: Sequence[str] | None = None) -> list[Metric]:
-    """Metric objects from ``METRICS`` by name (default: every registered metric, strict ones first)."""
+    """Metric objects from ``METRICS`` by name (default: every registered VQA metric, strict ones first)."""
     from cambrian_core.eval.compat import COMPAT_METRICS
     from cambrian_core.eval.metrics import STRICT_METRICS
     from cambrian_core.registry import METRICS, build
 
-    if names is None:
+    if names is None:  # every VQA metric; other metric kinds a plugin may register are left out
         order = [cls.name for cls in (*STRICT_METRICS, *COMPAT_METRICS)]
-        names = sorted(METRICS.names(), key=lambda n: (order.index(n) if n in order else len(order), n))
+        vqa = [n for n in METRICS.names() if _is_vqa_metric(METRICS.get(n))]
+        names = sorted(vqa, key=lambda n: (order.index(n) if n in order else len(order), n))
     return [build(METRICS, {"type": n}) for n in names]
 
 
