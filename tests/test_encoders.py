@@ -111,7 +111,7 @@ def test_preprocess_pads_with_mean_colour(name):
         assert torch.allclose(band, pad.view(3, 1, 1).expand_as(band), atol=1e-5)
     centre = wide[:, s // 2 - 1 : s // 2 + 1, s // 2 - 1 : s // 2 + 1]
     assert torch.allclose(centre, red.view(3, 1, 1).expand_as(centre), atol=1e-4)
-    assert enc.fill_color == tuple(round(m * 255) for m in enc.image_mean)
+    assert enc.fill_color == tuple(int(m * 255) for m in enc.image_mean)  # truncated, as LLaVA / HF Llava
 
 
 # ---------------------------------------------------------------------------------------------- config checks
@@ -429,3 +429,14 @@ def test_cuda_matches_cpu(name):
     out = gpu(x)  # the tower moves CPU pixels to its own device
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_clip_mean_pad_colour_matches_llava() -> None:
+    from cambrian_core.model.encoder import CLIP_MEAN
+
+    class _Probe:
+        image_mean = CLIP_MEAN
+
+    from cambrian_core.model.encoder import VisionEncoder
+
+    assert VisionEncoder.fill_color.fget(_Probe()) == (122, 116, 104)  # reference §B.3

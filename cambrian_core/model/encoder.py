@@ -131,8 +131,9 @@ class VisionEncoder(nn.Module, abc.ABC):
 
     @property
     def fill_color(self) -> tuple[int, int, int]:
-        """Padding colour of expand-to-square: the normalisation mean in 0..255."""
-        return tuple(round(m * 255) for m in self.image_mean)  # type: ignore[return-value]
+        """Padding colour of expand-to-square: the normalisation mean in 0..255, truncated as LLaVA / Cambrian-1
+        and HF's ``LlavaImageProcessor`` do (CLIP mean -> (122, 116, 104))."""
+        return tuple(int(m * 255) for m in self.image_mean)  # type: ignore[return-value]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised ``[3, image_size, image_size]`` float tensor."""
