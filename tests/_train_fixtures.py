@@ -107,3 +107,33 @@ def run(cfg: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     from cambrian_core.train.recipe import TrainRecipe
 
     return TrainRecipe(Config(cfg), **kwargs).run()
+
+
+def dump(cfg: dict[str, Any], path: Path) -> Path:
+    """Write a config dict as a config file (what ``cambrian train`` reads)."""
+    from mmengine.config import Config
+
+    Config(cfg).dump(str(path))
+    return path
+
+
+def losses(work_dir: Path, split: str = "train") -> list[float]:
+    """Losses a run logged, by step (the last value logged for a step wins, as after a resume)."""
+    rows = [json.loads(line) for line in (Path(work_dir) / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if r["split"] == split}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for launched training processes: offline, one BLAS thread each, DeepSpeed on CPU."""
+    import os
+
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+    }

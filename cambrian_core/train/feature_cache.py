@@ -225,11 +225,11 @@ class FeatureCache:
                 raise ValueError(f"tower gave features {tuple(feats.shape)}, the cache expects {expected}")
             for k, f in zip(chunk, feats, strict=True):
                 pending[k] = f.to(_DTYPE).cpu().contiguous()
+                if len(pending) >= per_shard:
+                    flush()
             written += len(chunk)
             if progress:
                 progress(len(chunk))
-            if len(pending) >= per_shard:
-                flush()
         if pending:
             flush()
         self._write_meta(good, complete=True)

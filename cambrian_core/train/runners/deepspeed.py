@@ -10,6 +10,7 @@ collective, and ``torch.optim.AdamW`` is allowed with offload), so the first run
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
@@ -127,7 +128,13 @@ class DeepSpeedRunner(Runner):
             _skip_shm_build()
         elif self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl")
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl")
+            # DeepSpeed caches its groups per process: the group lives until the process ends, so a second run in
+            # the same process (a sweep, the tests) reuses it instead of failing on a re-created one
+            atexit.register(dist.destroy_process_group)
 
     def barrier(self) -> None:
         barrier()
@@ -136,10 +143,7 @@ class DeepSpeedRunner(Runner):
         return all_reduce(values, self.device, op)
 
     def teardown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.barrier()  # the process group itself is destroyed at exit (see setup)
 
     def prepare(
         self,

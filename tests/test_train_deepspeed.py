@@ -1,0 +1,83 @@
+"""DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload on CPU (gloo, no op compilation) train like one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import dump, losses, run, subprocess_env, train_cfg, write_dataset
+
+from cambrian_core.model.io import load_weights
+from cambrian_core.train.runners.deepspeed import fill_ds_config, resolve_config_path
+
+pytestmark = pytest.mark.distributed
+STAGES = ("zero2", "zero3", "zero3_offload")
+
+
+def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
+    records = write_dataset(tmp_path / "data", n=16)
+    over = {"schedule": {"max_steps": 4}, "checkpoint": {"interval": 2, "export": False}}
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    configs = []
+    for name in STAGES:
+        runner = {"type": "deepspeed", "device": "cpu", "config": f"cambrian::_base_/runtime/{name}.json"}
+        export = {"checkpoint": {"interval": 2, "export": name == "zero3"}}
+        cfg = train_cfg(records, tmp_path / name, runner=runner, data={"batch_size": 2}, **{**over, **export})
+        configs.append(str(dump(cfg, tmp_path / f"{name}.py")))
+    # one launch runs all three (and a resume of the offload run to 6 steps): DeepSpeed start-up is paid once
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            from cambrian_core.cli import main
+            for cfg in {configs!r}:
+                assert main(["train", cfg]) == 0
+            assert main(["train", {configs[2]!r}, "--resume", "auto", "--cfg-options", "schedule.max_steps=6"]) == 0
+            """
+        )
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Compiling" not in proc.stderr and "ninja" not in proc.stderr  # no JIT op builds on CPU
+
+    for name in STAGES:
+        got = losses(tmp_path / name)[:4]
+        assert got == pytest.approx(single["losses"], rel=1e-5), name
+    resumed = losses(tmp_path / "zero3_offload")
+    assert len(resumed) == 6 and "resuming from" in proc.stderr and "step_00000004" in proc.stderr
+    state = torch.load(
+        tmp_path / "zero3_offload" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True
+    )
+    assert state["step"] == 6
+    exported = load_weights(tmp_path / "zero3" / "model")  # gathered from ZeRO-3 partitions
+    trained = load_weights_from_checkpoint(tmp_path / "zero3" / "checkpoints" / "step_00000004")
+    for key, value in trained.items():
+        torch.testing.assert_close(exported[key], value)
+
+
+def load_weights_from_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "trainable.safetensors"))
+
+
+def test_ds_config_filling() -> None:
+    import json
+
+    raw = json.loads(resolve_config_path("cambrian::_base_/runtime/zero3_offload.json").read_text())
+    cfg = fill_ds_config(raw, micro_batch_size=4, grad_accum=6, world_size=8, precision="bf16", clip_grad=1.0)
+    assert cfg["train_batch_size"] == 192 and cfg["gradient_accumulation_steps"] == 6
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    assert cfg["gradient_clipping"] == 1.0 and cfg["zero_force_ds_cpu_optimizer"] is False
+    assert "stage3_prefetch_bucket_size" not in cfg["zero_optimization"]  # "auto" -> DeepSpeed's default
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="declares `optimizer`; cambrian builds the optimiser"):
+        fill_ds_config({**raw, "optimizer": {"type": "AdamW"}}, 1, 1, 1, "fp32", None)
+    with pytest.raises(ValueError, match=r"keys \['wall_clock_breakdown'\] are 'auto'"):
+        fill_ds_config({**raw, "wall_clock_breakdown": "auto"}, 1, 1, 1, "fp32", None)

@@ -1,0 +1,59 @@
+"""FSDP2 on CPU: two gloo processes under torchrun train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import dump, losses, run, subprocess_env, train_cfg, write_dataset
+
+from cambrian_core.model.io import load_weights
+
+pytestmark = pytest.mark.distributed
+
+
+def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
+    records = write_dataset(tmp_path / "data", n=16)
+    over = {"schedule": {"max_steps": 4}, "checkpoint": {"interval": 2, "export": True}}
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+
+    cfg = dump(
+        train_cfg(
+            records,
+            tmp_path / "fsdp",
+            runner={"type": "fsdp", "device": "cpu"},
+            data={"batch_size": 2},
+            **over,
+        ),
+        tmp_path / "fsdp.py",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cambrian_core.cli",
+        "train",
+        str(cfg),
+        "--launcher",
+        "torchrun",
+        "--nproc",
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in proc.stderr
+    assert "rank 0/2" in proc.stderr and "global batch 4 = 2 x accum 1 x 2 rank(s)" in proc.stderr
+
+    fsdp = losses(tmp_path / "fsdp")
+    assert len(fsdp) == 4
+    assert fsdp == pytest.approx(single["losses"], rel=1e-5)
+    # the exported model (gathered from the shards on rank 0) holds the same trained weights
+    a, b = load_weights(tmp_path / "single" / "model"), load_weights(tmp_path / "fsdp" / "model")
+    assert a.keys() == b.keys()
+    for key in ("connector.mm_projector.0.weight", "image_newline", "llm.model.lm_head.weight"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(
+        a["connector.mm_projector.0.weight"], torch.zeros_like(a["connector.mm_projector.0.weight"])
+    )
