@@ -13,6 +13,7 @@ How the attention is batched is described in :mod:`cambrian_plugins.connectors._
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, NamedTuple
 
@@ -43,13 +44,20 @@ def sampler_schedule(num: int, start: int, stride: int) -> tuple[int, ...]:
     return tuple(start + k * stride for k in range(num))
 
 
+def _query_list(query_num_list: list[int] | str | None) -> list[int] | None:
+    """``query_num_list`` as a list (Cambrian-1 passes it as a JSON string such as ``'[576]'``)."""
+    if isinstance(query_num_list, str):
+        query_num_list = json.loads(query_num_list)
+    return None if query_num_list is None else [int(q) for q in query_num_list]
+
+
 def _sva_problems(
     in_channels: list[int] | None,
     in_token_lens: list[int] | None,
     token_len: int | None,
     vision_hidden_size: int,
     num_query_group: int,
-    query_num_list: list[int] | None,
+    query_num_list: list[int] | str | None,
     connector_depth: int,
     connector_only: bool,
     num_of_vision_sampler_layers: int,
@@ -69,7 +77,7 @@ def _sva_problems(
         out.append(f"connector_depth must be >= 1, got {connector_depth}")
     if global_context not in GLOBAL_CONTEXTS:
         out.append(f"global_context must be one of {', '.join(GLOBAL_CONTEXTS)}, got {global_context!r}")
-    queries = list(query_num_list) if query_num_list is not None else None
+    queries = _query_list(query_num_list)
     if queries is None and token_len is not None:
         queries = [token_len] * num_query_group
     if queries is not None and len(queries) != num_query_group:
@@ -116,7 +124,8 @@ class SVAConnector(Connector):
         in_channels, in_token_lens, out_dim, token_len: see :class:`Connector` (``token_len`` = f*f).
         vision_hidden_size: SVA width C.
         num_query_group: number of query groups G.
-        query_num_list: queries per group (perfect squares); default ``[token_len] * G``.
+        query_num_list: queries per group (perfect squares; a list or a JSON string such as ``'[576]'``);
+            default ``[token_len] * G``.
         connector_depth: cross-attention layers per group.
         connector_only: ``True`` = no in-LLM samplers.
         num_of_vision_sampler_layers, start_of_vision_sampler_layers, stride_of_vision_sampler_layers:
@@ -135,7 +144,7 @@ class SVAConnector(Connector):
         token_len: int,
         vision_hidden_size: int = 1024,
         num_query_group: int = 1,
-        query_num_list: list[int] | None = None,
+        query_num_list: list[int] | str | None = None,
         connector_depth: int = 1,
         connector_only: bool = True,
         num_of_vision_sampler_layers: int = 10,
@@ -150,7 +159,9 @@ class SVAConnector(Connector):
         super().__init__(in_channels, in_token_lens, out_dim, token_len)
         c = self.vision_hidden_size = vision_hidden_size
         self.global_context = global_context
-        self.query_sides = [math.isqrt(q) for q in (query_num_list or [token_len] * num_query_group)]
+        self.query_sides = [
+            math.isqrt(q) for q in (_query_list(query_num_list) or [token_len] * num_query_group)
+        ]
         tower_sides = [math.isqrt(n) for n in in_token_lens]
         for t, ch in enumerate(in_channels):
             proj = nn.Sequential(nn.Linear(ch, c), nn.GELU(), nn.Linear(c, c), nn.LayerNorm(c, eps=LN_EPS))
