@@ -61,7 +61,7 @@ def make_windows(
     Windows that lie entirely in padding are un-masked (as in the reference) so no softmax row is empty.
     """
     wins = [_window(p, side) for p in maps]
-    stats = [None if w.shape[2] == 1 else torch.var_mean(w.float(), dim=-1, unbiased=False) for w in wins]
+    stats = [None if w.shape[2] == 1 else _row_stats(w) for w in wins]
     mask = None
     if masks is not None and any(m is not None for m in masks):
         parts = [
@@ -71,6 +71,12 @@ def make_windows(
         mask = torch.cat(parts, dim=-1)
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return TowerWindows(side, wins, stats, mask)
+
+
+def _row_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var, mean) over channels of each window row, in fp32 (reductions accumulate in fp32 for bf16)."""
+    var, mean = torch.var_mean(w, dim=-1, unbiased=False)
+    return var.float(), mean.float()
 
 
 def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
