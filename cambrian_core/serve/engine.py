@@ -119,10 +119,12 @@ class _Channel:
         self._q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._loop = loop
         self._event = asyncio.Event() if loop is not None else None
+        self._signalled = False
 
     def put(self, item: tuple[str, Any]) -> None:
         self._q.put(item)
-        if self._loop is not None and self._event is not None:
+        if self._loop is not None and self._event is not None and not self._signalled:
+            self._signalled = True  # one wake-up per burst: the consumer drains everything queued
             with contextlib.suppress(RuntimeError):  # a closed loop: the client is gone
                 self._loop.call_soon_threadsafe(self._event.set)
 
@@ -133,14 +135,13 @@ class _Channel:
         if self._event is None:
             raise RuntimeError("this request was submitted without an event loop; iterate it synchronously")
         while True:
-            try:
+            with contextlib.suppress(queue.Empty):
                 return self._q.get_nowait()
-            except queue.Empty:
-                self._event.clear()
-            try:
+            self._signalled = False  # before the re-check: a put from now on schedules a new wake-up
+            self._event.clear()
+            with contextlib.suppress(queue.Empty):
                 return self._q.get_nowait()
-            except queue.Empty:
-                await self._event.wait()
+            await self._event.wait()
 
 
 @dataclass(eq=False)
@@ -157,7 +158,12 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
+    #: text of ``tokens`` decoded so far (incrementally) and the part of it already streamed
+    text: str = ""
     sent: str = ""
+    #: incremental detokenisation: ``tokens[prefix_offset:read_offset]`` is context already turned into text
+    prefix_offset: int = 0
+    read_offset: int = 0
     first_token: float | None = None
     done: bool = False
 
@@ -275,30 +281,29 @@ class _Router:
                 continue
             if req.first_token is None:
                 req.first_token = now
-            if token in self.engine.stop_token_ids:
-                req.tokens.append(token)
-                req.finish(self.engine.decode(req.tokens), "stop")
-                continue
             req.tokens.append(token)
+            if token in self.engine.stop_token_ids:
+                req.finish(self.engine.flush(req), "stop")
+                continue
+            self.engine.detokenize(req)
             self._emit(req, self.stops[row])
             if not req.done and len(req.tokens) >= req.max_new_tokens:
-                req.finish(self.engine.decode(req.tokens), "length")
+                req.finish(self.engine.flush(req), "length")
         if all(r.done for r in self.requests):
             raise _BatchDone
 
     def _emit(self, req: _Request, stops: Sequence[str]) -> None:
-        text = self.engine.decode(req.tokens)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            req.finish(text[: min(hits)], "stop")
-            return
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character
-            return
-        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        safe = text[: len(text) - hold]
-        if len(safe) > len(req.sent) and safe.startswith(req.sent):
-            req.channel.put(("delta", safe[len(req.sent) :]))
-            req.sent = safe
+        text = req.text
+        if stops:
+            hits = [i for i in (text.find(s, max(0, len(req.sent) - len(s))) for s in stops) if i >= 0]
+            if hits:
+                req.finish(text[: min(hits)], "stop")
+                return
+            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        if len(text) > len(req.sent):
+            req.channel.put(("delta", text[len(req.sent) :]))
+            req.sent = text
 
     def end(self) -> None:
         pass
@@ -343,6 +348,12 @@ class InferenceEngine:
         self.tokenizer = model.llm.tokenizer
         self.template = model.llm.template
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            # the Rust decoder gives what tokenizer.decode gives, without its per-call Python overhead
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         self.stop_token_ids, self._template_text_stops = self._stop_tokens(self.template.stop_strings)
         self.context_length = int(getattr(model.llm.model.config, "max_position_embeddings", 0) or 0) or 2**31
         grid = int(getattr(model, "grid", 0) or 0)
@@ -383,8 +394,28 @@ class InferenceEngine:
         return tuple(dict.fromkeys(self._template_text_stops + tuple(params.stop)))
 
     def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` (special tokens dropped), as ``tokenizer.decode`` gives it."""
         with self._tok_lock:
-            return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+            return self._decode(list(tokens))
+
+    def detokenize(self, req: _Request) -> None:
+        """Extend ``req.text`` with its newest tokens, decoding only a short window (vLLM's incremental scheme:
+        the window starts a few tokens back so word-initial spaces come out as in a full decode)."""
+        with self._tok_lock:
+            prefix = self._decode(req.tokens[req.prefix_offset : req.read_offset])
+            full = self._decode(req.tokens[req.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # no unfinished multi-byte character
+            req.text += full[len(prefix) :]
+            req.prefix_offset, req.read_offset = req.read_offset, len(req.tokens)
+
+    def flush(self, req: _Request) -> str:
+        """``req.text`` with whatever its last tokens decode to (an unfinished character included)."""
+        with self._tok_lock:
+            prefix = self._decode(req.tokens[req.prefix_offset : req.read_offset])
+            full = self._decode(req.tokens[req.prefix_offset :])
+        req.text += full[len(prefix) :]
+        req.prefix_offset = req.read_offset = len(req.tokens)
+        return req.text
 
     def count_tokens(self, text: str) -> int:
         with self._tok_lock:
@@ -587,18 +618,19 @@ class InferenceEngine:
                 ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
                 mask[i, width - len(r.input_ids) :] = 1
             params = batch[0].params
+            budget = max(r.max_new_tokens for r in batch)
             with torch.inference_mode():
                 self.model.generate(
                     ids.to(device),
                     mask.to(device),
                     pixel_values=pixels,
                     image_sizes=sizes,
-                    max_new_tokens=max(r.max_new_tokens for r in batch),
+                    max_new_tokens=budget,
                     do_sample=params.do_sample,
                     temperature=float(params.temperature) if params.do_sample else 1.0,
                     top_p=float(params.top_p) if params.do_sample else 1.0,
                     eos_token_id=sorted(self.stop_token_ids),
-                    min_new_tokens=params.min_tokens or None,
+                    min_new_tokens=min(params.min_tokens, budget) or None,
                     streamer=_Router(self, batch),
                 )
         except _BatchDone:
@@ -610,4 +642,4 @@ class InferenceEngine:
             return
         for r in batch:  # generate stopped by its own budget / end tokens
             if not r.done:
-                r.finish(self.decode(r.tokens), "length" if len(r.tokens) >= r.max_new_tokens else "stop")
+                r.finish(self.flush(r), "length" if len(r.tokens) >= r.max_new_tokens else "stop")

@@ -1,0 +1,246 @@
+"""The inference engine: batching equals sequential decoding, per-request stops and budgets, cancellation,
+limits; and the image intake (sniffing, base64, size limits, DICOM / NIfTI bytes)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serve_helpers import ct_small, data_url, image, png_bytes, save_tiny_model
+
+from cambrian_core.serve.engine import InferenceEngine, SamplingParams, _Request
+from cambrian_core.serve.errors import RequestError
+from cambrian_core.serve.images import (
+    ImageLimits,
+    ScanOptions,
+    decode_base64,
+    image_from_bytes,
+    image_from_url,
+    sniff_kind,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from cambrian_core.model.io import load_model
+
+    return load_model(save_tiny_model(tmp_path_factory.mktemp("engine") / "tiny-e", seed=2))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = InferenceEngine(model, name="tiny-e", max_batch_size=8, batch_wait=0.01, max_images=3)
+    yield eng
+    eng.shutdown()
+
+
+QUESTIONS = ["What is in the image?", "Is there a fracture?", "Describe the findings.", "left or right?"]
+
+
+def stop_from(text: str, start: int, width: int = 2) -> str:
+    """A stop string taken from ``text`` at or after ``start`` (printable, no replacement character)."""
+    for i in range(start, len(text) - width):
+        piece = text[i : i + width]
+        if piece.strip() and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_batched_requests_equal_one_at_a_time(model, engine):
+    solo = InferenceEngine(model, name="solo", max_batch_size=1)
+    try:
+        jobs = [(q, [image(30 + 9 * k, 40, seed=k)] if k % 2 == 0 else []) for k, q in enumerate(QUESTIONS)]
+        one = [solo.generate(q, imgs, max_new_tokens=12, min_tokens=12).text for q, imgs in jobs]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            many = list(
+                pool.map(lambda j: engine.generate(j[0], j[1], max_new_tokens=12, min_tokens=12).text, jobs)
+            )
+        assert many == one
+        assert len(set(one)) == len(one)  # the requests really differ
+    finally:
+        solo.shutdown()
+
+
+def test_requests_with_different_budgets_and_stops_share_a_batch(engine):
+    full = engine.generate("Describe the findings.", max_new_tokens=16, min_tokens=16)
+    assert full.completion_tokens == 16 and full.finish_reason == "length"
+    stop = stop_from(full.text, 6)
+    handles = [
+        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=16, min_tokens=16)),
+        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=4, min_tokens=4)),
+        engine.submit_chat(
+            "Describe the findings.", [], SamplingParams(max_new_tokens=16, min_tokens=16, stop=(stop,))
+        ),
+    ]
+    a, b, c = (h.wait(timeout=60) for h in handles)
+    assert a.text == full.text
+    assert b.completion_tokens == 4 and full.text.startswith(b.text) and b.finish_reason == "length"
+    assert c.text == full.text[: full.text.index(stop)] and c.finish_reason == "stop"
+
+
+def test_streamed_deltas_add_up_to_the_result_and_never_show_a_stop_string(engine):
+    full = engine.generate("Is there a fracture?", max_new_tokens=20, min_tokens=20).text
+    stop = stop_from(full, 8, 3)
+    handle = engine.submit_chat(
+        "Is there a fracture?", [], SamplingParams(max_new_tokens=20, min_tokens=20, stop=(stop,))
+    )
+    deltas = list(handle)
+    assert "".join(deltas) == handle.result.text == full[: full.index(stop)]
+    assert all(stop not in "".join(deltas[: k + 1]) for k in range(len(deltas)))
+
+
+def test_incremental_detokenisation_equals_a_full_decode(engine):
+    rng = np.random.default_rng(0)
+    vocab = len(engine.tokenizer)
+    for _ in range(20):
+        req = _Request(
+            id="t",
+            input_ids=[],
+            images=[],
+            params=SamplingParams(),
+            prompt_tokens=0,
+            max_new_tokens=64,
+            channel=None,
+        )
+        for t in rng.integers(0, vocab, size=40).tolist():
+            req.tokens.append(int(t))
+            engine.detokenize(req)
+            assert engine.decode(req.tokens).startswith(req.text)
+        assert engine.flush(req) == engine.decode(req.tokens)
+
+
+def test_cancelled_request_stops_and_others_finish(engine):
+    slow = engine.submit_chat(
+        "Describe the findings.", [], SamplingParams(max_new_tokens=2000, min_tokens=2000)
+    )
+    other = engine.submit_chat(
+        "Describe the findings.", [], SamplingParams(max_new_tokens=2000, min_tokens=8)
+    )
+    first = next(iter(slow))
+    slow.cancel()
+    rest = "".join(slow)
+    assert slow.result.finish_reason == "cancelled" and slow.result.completion_tokens < 2000
+    assert slow.result.text == first + rest
+    other.cancel()
+    assert other.wait(60).finish_reason == "cancelled"
+    assert engine.generate("hi", max_new_tokens=2).completion_tokens >= 1  # the engine still serves
+
+
+def test_limits_are_refused_before_queueing(engine):
+    with pytest.raises(RequestError, match="too many images: 4 were sent but at most 3"):
+        engine.submit_chat("hi", [image()] * 4)
+    with pytest.raises(RequestError, match=r"needs .* positions .* context is 512"):
+        engine.submit_chat("finding " * 600)
+    with pytest.raises(RequestError, match="1 <image> marker"):
+        engine.tokenize_prompt("<image> hi", 2)
+    with pytest.raises(RequestError, match="temperature must be in"):
+        SamplingParams(temperature=3)
+    with pytest.raises(RequestError, match="max_new_tokens must be an integer"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(RequestError, match="roles must alternate"):
+        engine.submit_chat([{"role": "assistant", "content": "hi"}])
+    room = engine.context_length - engine.prompt_positions(
+        engine.tokenize_messages([{"role": "user", "content": "hi"}], 0)
+    )
+    assert engine.generate("hi", max_new_tokens=4096, min_tokens=4096).completion_tokens == room  # budget cut
+
+
+def test_a_full_queue_answers_503(model):
+    eng = InferenceEngine(model, name="q", max_batch_size=1, max_queue=1)
+    try:
+        busy = eng.submit_chat("hi", [], SamplingParams(max_new_tokens=2000, min_tokens=2000))
+        next(iter(busy))  # running: the queue is empty again
+        eng.submit_chat("hi", [], SamplingParams(max_new_tokens=2))
+        with pytest.raises(RequestError, match="busy") as err:
+            eng.submit_chat("hi", [], SamplingParams(max_new_tokens=2))
+        assert err.value.status == 503
+        busy.cancel()
+    finally:
+        eng.shutdown()
+
+
+def test_nothing_per_request_is_stored_on_the_model(model, engine):
+    before = {k for k in vars(model) if not k.startswith("_")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    threads = [
+        threading.Thread(target=engine.generate, args=(q, [image(seed=k)]), kwargs={"max_new_tokens": 6})
+        for k, q in enumerate(QUESTIONS)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {k for k in vars(model) if not k.startswith("_")} == before
+    assert all(torch_equal(state[k], v) for k, v in model.state_dict().items())
+    # text only after an image: no stale image features leak into the answer
+    text_only = engine.generate("What is in the image?", max_new_tokens=8)
+    fresh = InferenceEngine(model, name="fresh")
+    try:
+        assert fresh.generate("What is in the image?", max_new_tokens=8).text == text_only.text
+    finally:
+        fresh.shutdown()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_sniffing_uses_the_bytes_not_a_name(tmp_path):
+    import nibabel
+
+    assert sniff_kind(png_bytes()) == "raster"
+    assert sniff_kind(Path(ct_small()).read_bytes()) == "dicom"
+    nii = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+    gz = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "standard.nii.gz")
+    assert sniff_kind(Path(nii).read_bytes()) == sniff_kind(Path(gz).read_bytes()) == "nifti"
+    assert sniff_kind(b"\x1f\x8b" + b"junk" * 100) is None and sniff_kind(b"hello") is None
+
+
+def test_scans_arrive_as_bytes_with_window_and_slice_options():
+    import nibabel
+
+    dcm = Path(ct_small()).read_bytes()
+    soft = np.asarray(image_from_bytes(dcm, options=ScanOptions(window="abdomen")))
+    bone = np.asarray(image_from_bytes(dcm, options=ScanOptions(window="bone")))
+    assert soft.shape == (128, 128, 3) and np.abs(soft.astype(int) - bone.astype(int)).mean() > 10
+    path = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+    axial = image_from_bytes(Path(path).read_bytes(), options=ScanOptions(slice_axis="axial"))
+    coronal = image_from_bytes(Path(path).read_bytes(), options=ScanOptions(slice_axis="coronal"))
+    assert axial.mode == "RGB" and axial.size != coronal.size
+
+
+def test_image_refusals_name_the_image_and_the_limit(tmp_path):
+    with pytest.raises(RequestError, match="images\\[2\\] is not valid base64"):
+        decode_base64("%%%", "images[2]")
+    assert decode_base64(base64.urlsafe_b64encode(b"\xfb\xff").decode().rstrip("=")) == b"\xfb\xff"
+    with pytest.raises(RequestError, match="is not an image"):
+        image_from_bytes(b"GIF? no, text", "images[0]")
+    big = ImageLimits(max_bytes=1000)
+    with pytest.raises(RequestError, match=r"the limit is 0\.0 MiB") as err:
+        image_from_bytes(png_bytes(100, 100), "images[0]", big)
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="megapixels") as err:
+        image_from_bytes(png_bytes(300, 300), limits=ImageLimits(max_pixels=50_000))
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match="local file paths are disabled"):
+        image_from_url(ct_small())
+    with pytest.raises(RequestError, match="remote URLs are not fetched"):
+        image_from_url("http://example.com/a.png")
+    assert image_from_url(ct_small(), allow_local_files=True).size == (128, 128)
+    assert image_from_url("file://" + ct_small(), allow_local_files=True).size == (128, 128)
+    jpeg_like = data_url(png_bytes(seed=2))
+    assert image_from_url(jpeg_like).size == (40, 30)
+    import io
+
+    buf = io.BytesIO()
+    image(8, 8).save(buf, format="JPEG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    assert b64.startswith("/9j/") and image_from_url(b64).size == (8, 8)  # a JPEG's base64 is not a path
