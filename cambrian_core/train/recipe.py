@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cambrian_core.config import ConfigError, Problem
 from cambrian_core.config import check as check_config
 from cambrian_core.config.schema import (
     CheckpointSection,
@@ -146,6 +147,7 @@ class TrainRecipe:
         self.skips = SkipReport()
         self.history: list[dict[str, float]] = []
         self.step = 0
+        self.last_eval_step = -1
 
     # =============================================================================================== run
     def run(self) -> dict[str, Any]:
@@ -174,37 +176,41 @@ class TrainRecipe:
         """Everything that can be wrong before any weight loads, reported at once."""
         self.announce(f"checks: config {self.config_path or '<in memory>'}")
         check_config(self.cfg, str(self.config_path) if self.config_path else None)
-        problems = []
+        problems: list[Problem] = []
         if "model" not in self.cfg:
-            problems.append("no `model` section")
+            problems.append(Problem("model", "no model section: add model=dict(type='cambrian', ...)"))
         train_files = _as_list(self.data.train)
         if not train_files:
             problems.append(
-                "data.train: no training file given (a records.jsonl written by `cambrian convert`)"
+                Problem("data.train", "no training file (a records.jsonl written by `cambrian convert`)")
             )
-        for f in train_files + _as_list(self.data.val):
-            if not Path(f).is_file():
-                problems.append(
-                    f"data file not found: {f} (run `cambrian convert ...` first or fix the path)"
-                )
+        for key in ("train", "val"):
+            for f in _as_list(getattr(self.data, key)):
+                if not Path(f).is_file():
+                    problems.append(
+                        Problem(
+                            f"data.{key}", f"file not found: {f} (run `cambrian convert ...` or fix the path)"
+                        )
+                    )
         if not 0.0 <= self.data.val_fraction < 1.0:
-            problems.append(f"data.val_fraction={self.data.val_fraction} must be in [0, 1)")
+            problems.append(Problem("data.val_fraction", f"{self.data.val_fraction} must be in [0, 1)"))
         for key, value in (
             ("data.batch_size", self.data.batch_size),
             ("schedule.grad_accum", self.sched.grad_accum),
         ):
             if value < 1:
-                problems.append(f"{key}={value} must be >= 1")
+                problems.append(Problem(key, f"{value} must be >= 1"))
         if self.sched.epochs < 1 and self.sched.max_steps <= 0:
-            problems.append("set schedule.epochs >= 1 or schedule.max_steps > 0")
+            problems.append(Problem("schedule", "set schedule.epochs >= 1 or schedule.max_steps > 0"))
         stage = self.cfg.get("stage")
         if stage is not None and stage not in ("pretrain", "finetune", "full"):
-            problems.append(f"stage={stage!r}; choose pretrain, finetune or full")
+            problems.append(Problem("stage", f"{stage!r} is not a stage; choose pretrain, finetune or full"))
         if problems:
-            raise ValueError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise ConfigError(problems, str(self.config_path) if self.config_path else None)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(self.work_dir, os.W_OK):
             raise PermissionError(f"work dir {self.work_dir} is not writable; pass --work-dir")
+        self._setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
         free = shutil.disk_usage(self.work_dir).free
         self.announce(f"checks passed; work dir {self.work_dir} ({human_bytes(free)} free)")
 
@@ -214,7 +220,6 @@ class TrainRecipe:
         seed_everything(self.seed)
         self.runner = build(RUNNERS, self.cfg.get("runner") or {"type": "single"})
         self.runner.setup()
-        self._setup_logging()
         self.announce(
             f"setup: {self.runner.name} runner, rank {self.runner.rank}/{self.runner.world_size} on {self.runner.device}"
         )
@@ -232,8 +237,9 @@ class TrainRecipe:
             config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
         )
 
-    def _setup_logging(self) -> None:
-        if not self.runner.is_main:
+    def _setup_logging(self, is_main: bool) -> None:
+        """``train.log`` and the resolved config (``config.py`` + ``config.json``) in the work dir (main rank)."""
+        if not is_main:
             logging.getLogger().setLevel(logging.WARNING)
             return
         handler = logging.FileHandler(self.work_dir / "train.log")
@@ -629,6 +635,7 @@ class TrainRecipe:
         self.logger.log(self.step, {"loss": value}, split="eval")
         self.logger.message(f"step {self.step}: held-out loss {value:.4f}")
         self.history.append({"step": self.step, "eval_loss": value})
+        self.last_eval_step = self.step
         return value
 
     def save(self) -> Path:
@@ -660,7 +667,7 @@ class TrainRecipe:
     # =============================================================================================== cleanup
     def cleanup(self) -> None:
         self.announce("cleanup: final checkpoint, evaluation, exported model, loss curve")
-        if self.val_set is not None:
+        if self.val_set is not None and self.last_eval_step != self.step:
             self.evaluate()
         self.save()
         self.exported = self._export()

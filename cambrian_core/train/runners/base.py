@@ -167,7 +167,7 @@ class Runner:
         inputs = {k: batch[k] for k in self.MODEL_KEYS if batch.get(k) is not None}
         inputs = move_to(inputs, self.device)
         with self.autocast():
-            out = self.model(**inputs)
+            out = self.model(**inputs, use_cache=False)  # no KV cache in training (and HF packs segments)
         return out.loss
 
     def backward(self, loss: torch.Tensor, last_micro: bool = True) -> None:
