@@ -222,3 +222,38 @@ def test_a_cambrian1_folder_without_tower_weights_names_the_flag(tmp_path):
     assert parse_tower_paths(["a/b=/x/y", "c=d"]) == {"a/b": "/x/y", "c": "d"}
     with pytest.raises(ValueError, match="expected NAME=DIR"):
         parse_tower_paths(["/x/y"])
+
+
+def test_interactive_chat_keeps_the_history(folder, engine, monkeypatch, capsys):
+    answers = iter(["What is in the image?", "Is there a fracture?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                folder,
+                "--image",
+                ct_small(),
+                "--window",
+                "abdomen",
+                "--max-new-tokens",
+                "6",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    from cambrian_core.serve.ui import render_scan
+
+    scan = render_scan(ct_small(), "abdomen")
+    first = engine.generate("What is in the image?", [scan], max_new_tokens=6).text
+    convo = [
+        {"role": "user", "content": "<image>\nWhat is in the image?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Is there a fracture?"},
+    ]
+    second = engine.generate(convo, [scan], max_new_tokens=6).text
+    assert out == f"ASSISTANT: {first}\nASSISTANT: {second}\n"
