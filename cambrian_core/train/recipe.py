@@ -202,6 +202,14 @@ class TrainRecipe:
                 problems.append(Problem(key, f"{value} must be >= 1"))
         if self.sched.epochs < 1 and self.sched.max_steps <= 0:
             problems.append(Problem("schedule", "set schedule.epochs >= 1 or schedule.max_steps > 0"))
+        load_from = self.cfg.get("load_from")
+        if load_from and not Path(load_from).exists():
+            problems.append(
+                Problem(
+                    "load_from",
+                    f"{load_from} does not exist (train the previous stage first, or fix the path)",
+                )
+            )
         stage = self.cfg.get("stage")
         if stage is not None and stage not in ("pretrain", "finetune", "full"):
             problems.append(Problem("stage", f"{stage!r} is not a stage; choose pretrain, finetune or full"))
