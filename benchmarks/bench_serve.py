@@ -166,6 +166,25 @@ def timed_hf(model: Any, engine: Any, image: Image.Image, n: int) -> tuple[float
     return _rates(start, stamps.times, n)
 
 
+def timed_model(engine: Any, image: Image.Image, n: int) -> tuple[float, float]:
+    """Our model's own ``generate`` without the serving engine (same preparation), to show what the engine adds."""
+    model, stamps = engine.model, Stamps()
+    start = time.perf_counter()
+    ids = torch.tensor([engine.tokenize_messages(MESSAGES, 1)])
+    pixels, sizes = model.prepare_images([image])
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            torch.ones_like(ids),
+            pixel_values=pixels,
+            image_sizes=sizes,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            streamer=stamps,
+        )
+    return _rates(start, stamps.times, n)
+
+
 def timed_engine(engine: Any, image: Image.Image, n: int) -> tuple[float, float]:
     from cambrian_core.serve.engine import SamplingParams
 
@@ -210,20 +229,27 @@ def part1(args: argparse.Namespace, size: str) -> None:
     n = args.new_tokens
     for _ in range(2):  # warm-up
         timed_hf(hf, engine, image, n)
+        timed_model(engine, image, n)
         timed_engine(engine, image, n)
-    rows = {"hf": [], "ours": []}
-    for _ in range(args.repeats):  # interleaved so background load hits both alike
+    rows = {"hf": [], "model": [], "ours": []}
+    for _ in range(args.repeats):  # interleaved so background load hits all alike
         rows["hf"].append(timed_hf(hf, engine, image, n))
+        rows["model"].append(timed_model(engine, image, n))
         rows["ours"].append(timed_engine(engine, image, n))
     engine.shutdown()
     print(
-        f"== single request, {n} new tokens, batch 1, {args.repeats} interleaved runs "
+        f"== {size}: single request, {n} new tokens, batch 1, {args.repeats} interleaved runs "
         f"(torch threads: {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})"
     )
     print("   parameters (ours / HF): " + ", ".join(f"{k} {a:,} / {b:,}" for k, (a, b) in sizes.items()))
     print(f"{'':<34}{'TTFT ms':>9}{'(best)':>8}{'decode tok/s':>14}{'(best)':>8}")
     stats = {}
-    for key, label in (("hf", "HF LlavaForConditionalGeneration"), ("ours", "cambrian engine")):
+    labels = (
+        ("hf", "HF LlavaForConditionalGeneration"),
+        ("model", "cambrian model.generate"),
+        ("ours", "cambrian serving engine"),
+    )
+    for key, label in labels:
         ttft, rate = [t for t, _ in rows[key]], [r for _, r in rows[key]]
         stats[key] = (statistics.median(ttft), min(ttft), statistics.median(rate), max(rate))
         m_t, b_t, m_r, b_r = stats[key]
