@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from serve_helpers import ct_small, data_url, image, png_bytes, save_tiny_model
 
-from cambrian_core.serve.engine import InferenceEngine, SamplingParams, _Request
+from cambrian_core.serve.engine import InferenceEngine, SamplingParams
 from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.images import (
     ImageLimits,
@@ -23,6 +23,7 @@ from cambrian_core.serve.images import (
     image_from_url,
     sniff_kind,
 )
+from cambrian_core.serve.request import Request
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_incremental_detokenisation_equals_a_full_decode(engine):
     rng = np.random.default_rng(0)
     vocab = len(engine.tokenizer)
     for _ in range(20):
-        req = _Request(
+        req = Request(
             id="t",
             input_ids=[],
             images=[],

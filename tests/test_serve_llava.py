@@ -259,8 +259,9 @@ def test_web_ui_lists_every_workers_model_and_answers_with_the_chosen_one(cluste
         model_param = next(p for p in info["named_endpoints"]["/chat"]["parameters"] if p["label"] == "Model")
         assert "tiny-a" in str(model_param["python_type"]) and "tiny-b" in str(model_param["python_type"])
         for name, worker in workers.items():
-            history, _ = client.predict("Describe the findings.", [], None, "auto", "axial", 0.0, 1.0, 12, name,
-                                        api_name="/chat")
+            history, _ = client.predict(
+                "Describe the findings.", [], None, "auto", "axial", 0.0, 1.0, 12, name, api_name="/chat"
+            )
             expected = worker.engine.generate("Describe the findings.", [], max_new_tokens=12)
             assert _text_of(history[-1]["content"]) == expected.text.strip()
     finally:

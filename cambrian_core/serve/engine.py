@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +31,14 @@ from cambrian_core.model.tokenize import (
     tokenizer_adds_bos,
 )
 from cambrian_core.serve.errors import RequestError
+from cambrian_core.serve.request import (
+    Channel,
+    EngineError,
+    GenerationResult,
+    Request,
+    RequestHandle,
+    SamplingParams,
+)
 
 __all__ = [
     "EngineError",
@@ -46,215 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: longest answer a request may ask for (LLaVA capped at 1024 too)
-MAX_NEW_TOKENS_CAP = 4096
-
-
-class EngineError(RuntimeError):
-    """Generation failed inside the engine (the model raised); the request's stream ends with this."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request decodes. ``temperature <= 1e-3`` means greedy (LLaVA's rule)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    #: tokens generated before an end token may end the answer (vLLM's ``min_tokens``)
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if (
-            not isinstance(self.max_new_tokens, int)
-            or isinstance(self.max_new_tokens, bool)
-            or not (1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP)
-        ):
-            raise RequestError(
-                f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {self.max_new_tokens!r}",
-                param="max_tokens",
-            )
-        if not 0.0 <= float(self.temperature) <= 2.0:
-            raise RequestError(
-                f"temperature must be in [0, 2], got {self.temperature!r}", param="temperature"
-            )
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
-        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 8:
-            raise RequestError("stop must be up to 8 non-empty strings", param="stop")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise RequestError(
-                f"min_tokens must be an integer in 0..max_tokens ({self.max_new_tokens}), got {self.min_tokens!r}",
-                param="min_tokens",
-            )
-
-    @property
-    def do_sample(self) -> bool:
-        return float(self.temperature) > 1e-3
-
-    def batch_key(self) -> tuple[bool, float, float, int]:
-        """Requests with equal keys decode in one batch (the stop strings and budgets are per request)."""
-        if not self.do_sample:
-            return (False, 0.0, 1.0, self.min_tokens)
-        return (True, float(self.temperature), float(self.top_p), self.min_tokens)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What a finished request produced. ``finish_reason``: ``stop`` | ``length`` | ``cancelled``."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token: float | None = None
-    duration: float = 0.0
-
-
-class _Channel:
-    """Thread-to-consumer queue usable from plain threads and from an asyncio loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._loop = loop
-        self._event = asyncio.Event() if loop is not None else None
-        self._signalled = False
-
-    def put(self, item: tuple[str, Any]) -> None:
-        self._q.put(item)
-        if self._loop is not None and self._event is not None and not self._signalled:
-            self._signalled = True  # one wake-up per burst: the consumer drains everything queued
-            with contextlib.suppress(RuntimeError):  # a closed loop: the client is gone
-                self._loop.call_soon_threadsafe(self._event.set)
-
-    def get(self, timeout: float | None) -> tuple[str, Any]:
-        return self._q.get(timeout=timeout)
-
-    async def aget(self) -> tuple[str, Any]:
-        if self._event is None:
-            raise RuntimeError("this request was submitted without an event loop; iterate it synchronously")
-        while True:
-            with contextlib.suppress(queue.Empty):
-                return self._q.get_nowait()
-            self._signalled = False  # before the re-check: a put from now on schedules a new wake-up
-            self._event.clear()
-            with contextlib.suppress(queue.Empty):
-                return self._q.get_nowait()
-            await self._event.wait()
-
-
-@dataclass(eq=False)
-class _Request:
-    """One request's whole state (owned by the engine thread once submitted)."""
-
-    id: str
-    input_ids: list[int]
-    images: list[Image.Image]
-    params: SamplingParams
-    prompt_tokens: int
-    max_new_tokens: int
-    channel: _Channel
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    #: text of ``tokens`` decoded so far (incrementally) and the part of it already streamed
-    text: str = ""
-    sent: str = ""
-    #: incremental detokenisation: ``tokens[prefix_offset:read_offset]`` is context already turned into text
-    prefix_offset: int = 0
-    read_offset: int = 0
-    first_token: float | None = None
-    done: bool = False
-
-    def finish(self, text: str, reason: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.channel.put(("delta", text[len(self.sent) :]))
-            self.sent = text
-        now = time.perf_counter()
-        ttft = None if self.first_token is None else self.first_token - self.submitted
-        result = GenerationResult(
-            self.sent, reason, self.prompt_tokens, len(self.tokens), ttft, now - self.submitted
-        )
-        self.channel.put(("done", result))
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            self.channel.put(("error", exc))
-
-
-class RequestHandle:
-    """The client's side of a submitted request: iterate text deltas, then read ``result``."""
-
-    def __init__(self, request: _Request) -> None:
-        self._req = request
-        self._result: GenerationResult | None = None
-
-    @property
-    def id(self) -> str:
-        return self._req.id
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Positions the prompt takes (text tokens + image tokens)."""
-        return self._req.prompt_tokens
-
-    @property
-    def result(self) -> GenerationResult:
-        """The final result (only after the stream is exhausted, or after ``wait``)."""
-        if self._result is None:
-            raise RuntimeError("the request has not finished; iterate it or call wait() first")
-        return self._result
-
-    def cancel(self) -> None:
-        """Stop generating for this request (its stream ends with ``finish_reason="cancelled"``)."""
-        self._req.cancelled.set()
-
-    def _handle(self, kind: str, value: Any) -> str | None:
-        if kind == "delta":
-            return value
-        if kind == "done":
-            self._result = value
-            return None
-        raise EngineError(f"generation failed: {type(value).__name__}: {value}") from value
-
-    def __iter__(self) -> Iterator[str]:
-        return self.stream()
-
-    def stream(self, timeout: float | None = None) -> Iterator[str]:
-        """Text deltas as they are decoded (``timeout``: longest wait for the next one)."""
-        while self._result is None:
-            try:
-                kind, value = self._req.channel.get(timeout)
-            except queue.Empty:
-                self.cancel()
-                raise TimeoutError(f"no output for {timeout} s; request {self.id} cancelled") from None
-            delta = self._handle(kind, value)
-            if delta:
-                yield delta
-
-    async def astream(self) -> AsyncIterator[str]:
-        """Async text deltas (the request must have been submitted with ``loop=``)."""
-        try:
-            while self._result is None:
-                kind, value = await self._req.channel.aget()
-                delta = self._handle(kind, value)
-                if delta:
-                    yield delta
-        finally:
-            if self._result is None:
-                self.cancel()
-
-    def wait(self, timeout: float | None = None) -> GenerationResult:
-        """Consume the stream and return the result."""
-        for _ in self.stream(timeout):
-            pass
-        return self.result
-
 
 class _BatchDone(Exception):
     """Raised from the streamer to end ``generate`` once every request of the batch has finished."""
@@ -263,7 +59,7 @@ class _BatchDone(Exception):
 class _Router:
     """A transformers streamer for a whole batch: routes each row's new token to its request."""
 
-    def __init__(self, engine: InferenceEngine, requests: list[_Request]) -> None:
+    def __init__(self, engine: InferenceEngine, requests: list[Request]) -> None:
         self.engine = engine
         self.requests = requests
         self.stops = [engine.text_stops(r.params) for r in requests]
@@ -292,7 +88,7 @@ class _Router:
         if all(r.done for r in self.requests):
             raise _BatchDone
 
-    def _emit(self, req: _Request, stops: Sequence[str]) -> None:
+    def _emit(self, req: Request, stops: Sequence[str]) -> None:
         text = req.text
         if stops:
             hits = [i for i in (text.find(s, max(0, len(req.sent) - len(s))) for s in stops) if i >= 0]
@@ -359,7 +155,7 @@ class InferenceEngine:
         grid = int(getattr(model, "grid", 0) or 0)
         #: positions one image may take at most (grid rows, each ending with a newline token)
         self.image_tokens = grid * (grid + 1) if grid else int(getattr(model, "image_token_len", 0) or 0)
-        self._pending: collections.deque[_Request] = collections.deque()
+        self._pending: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._running = 0
         self._stop = threading.Event()
@@ -398,7 +194,7 @@ class InferenceEngine:
         with self._tok_lock:
             return self._decode(list(tokens))
 
-    def detokenize(self, req: _Request) -> None:
+    def detokenize(self, req: Request) -> None:
         """Extend ``req.text`` with its newest tokens, decoding only a short window (vLLM's incremental scheme:
         the window starts a few tokens back so word-initial spaces come out as in a full decode)."""
         with self._tok_lock:
@@ -408,7 +204,7 @@ class InferenceEngine:
             req.text += full[len(prefix) :]
             req.prefix_offset, req.read_offset = req.read_offset, len(req.tokens)
 
-    def flush(self, req: _Request) -> str:
+    def flush(self, req: Request) -> str:
         """``req.text`` with whatever its last tokens decode to (an unfinished character included)."""
         with self._tok_lock:
             prefix = self._decode(req.tokens[req.prefix_offset : req.read_offset])
@@ -490,14 +286,14 @@ class InferenceEngine:
             )
         if self._stop.is_set():
             raise RequestError("the engine is shutting down", status=503)
-        req = _Request(
+        req = Request(
             id=f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}",
             input_ids=[int(t) for t in input_ids],
             images=images,
             params=params,
             prompt_tokens=positions,
             max_new_tokens=min(params.max_new_tokens, room),
-            channel=_Channel(loop),
+            channel=Channel(loop),
         )
         with self._cond:
             if len(self._pending) >= self.max_queue:
@@ -564,7 +360,7 @@ class InferenceEngine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _next_batch(self) -> list[_Request]:
+    def _next_batch(self) -> list[Request]:
         with self._cond:
             while not self._pending and not self._stop.is_set():
                 self._cond.wait(0.5)
@@ -602,7 +398,7 @@ class InferenceEngine:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _run_batch(self, batch: list[_Request]) -> None:
+    def _run_batch(self, batch: list[Request]) -> None:
         try:
             device = self._device()
             images = [im for r in batch for im in r.images]

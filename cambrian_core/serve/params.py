@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cambrian_core.serve.engine import MAX_NEW_TOKENS_CAP, SamplingParams
 from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.images import ScanOptions
+from cambrian_core.serve.request import MAX_NEW_TOKENS_CAP, SamplingParams
 
 __all__ = ["sampling_from", "scan_options"]
 
