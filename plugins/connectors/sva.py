@@ -224,7 +224,9 @@ class SVAConnector(Connector):
         windows: dict[int, TowerWindows] = {}
         groups = []
         for g, side in enumerate(self.query_sides):
-            win = windows.get(side) or windows.setdefault(side, make_windows(maps, masks, side))
+            if side not in windows:  # groups on the same grid share one windowing
+                windows[side] = make_windows(maps, masks, side)
+            win = windows[side]
             query = self.vision_query[g].view(1, 1, -1).expand(maps[0].shape[0], 1, -1)
             y = getattr(self, f"vision_sampler_{g}")(query, context, win)
             if side != self.grid:  # bilinear resize of the q x q grid to the final grid, in fp32
@@ -235,7 +237,7 @@ class SVAConnector(Connector):
         tokens = self.mm_projector(torch.cat(groups, dim=-1))
         state = None
         if self.sampler_layers:
-            final = windows.get(self.grid) or make_windows(maps, masks, self.grid)
+            final = windows[self.grid] if self.grid in windows else make_windows(maps, masks, self.grid)
             state = SVAState(final, context)
         return ConnectorOutput(tokens, state)
 
