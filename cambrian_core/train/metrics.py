@@ -115,7 +115,8 @@ def device_peak_flops(
 def _measure(fn: Any, *args: Any) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    # grad mode on: FlopCounterMode's module tracker trips over views of parameters made under no_grad
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
         fn(*args)
     return int(fc.get_total_flops())
 
