@@ -589,3 +589,11 @@ def test_forward_and_cached_generation_on_cuda():
         model, x["input_ids"], x["attention_mask"], x["pixel_values"], x["image_sizes"], new.shape[1]
     )
     assert torch.equal(new, ref.to(new.device))
+
+
+def test_mm_projector_type_shortcut_follows_cambrian_grammar():
+    from cambrian_core.model.checks import connector_config
+
+    assert connector_config({"mm_projector_type": "mlp4x_gelu"}) == {"type": "mlp_gelu", "depth": 4}
+    assert connector_config({"mm_projector_type": "mlp2x_gelu"}) == {"type": "mlp2x_gelu"}
+    assert connector_config({"mm_projector_type": "sva"}) == {"type": "sva"}

@@ -7,6 +7,7 @@ dims filled in), and a connector width that differs from the LLM's hidden size.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ def connector_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     if cfg is None and shortcut is None:
         raise ValueError("no connector: set `connector=dict(type=...)` or `mm_projector_type=...`")
     if cfg is None:
-        return {"type": shortcut}
+        return _shortcut_config(shortcut)
     if not isinstance(cfg, Mapping) or "type" not in cfg:
         raise ValueError(f"`connector` must be a dict with a `type`, got {cfg!r}")
     if shortcut is not None and shortcut != cfg["type"]:
@@ -43,6 +44,14 @@ def connector_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             f"mm_projector_type={shortcut!r} contradicts connector type {cfg['type']!r}; set only one of them"
         )
     return dict(cfg)
+
+
+def _shortcut_config(name: str) -> dict[str, Any]:
+    """Cambrian's ``mm_projector_type`` grammar: ``mlp<N>x_gelu`` is ``mlp_gelu`` of depth N unless registered."""
+    match = re.fullmatch(r"mlp(\d+)x_gelu", name)
+    if match and name not in CONNECTORS.names() and "mlp_gelu" in CONNECTORS.names():
+        return {"type": "mlp_gelu", "depth": int(match.group(1))}
+    return {"type": name}
 
 
 def _lookup(registry: Any, cfg: Mapping[str, Any]) -> Any:
