@@ -257,3 +257,46 @@ def test_interactive_chat_keeps_the_history(folder, engine, monkeypatch, capsys)
     ]
     second = engine.generate(convo, [scan], max_new_tokens=6).text
     assert out == f"ASSISTANT: {first}\nASSISTANT: {second}\n"
+
+
+def test_a_cambrian1_folder_is_imported_on_the_fly_and_served(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("cambrian_core.export.cambrian1")
+    import export_helpers as H
+    from serve_helpers import image
+
+    from cambrian_core.serve.engine import InferenceEngine, SamplingParams
+    from cambrian_core.serve.loading import load_for_serving
+
+    monkeypatch.setenv("CAMBRIAN_CACHE", str(tmp_path / "cache"))
+    names = [H.CLIP_NAME, H.SIGLIP_NAME]
+    original = H.make(H.sva_config())
+    towers = H.save_towers(original, tmp_path)
+    src = H.write_cambrian1(original, tmp_path / "cambrian-8b-tiny", names)
+    flags = [f"{n}={p}" for n, p in zip(names, towers, strict=True)]
+    imported = load_for_serving(str(src), "cpu", tower_paths=flags)
+    assert len(list((tmp_path / "cache" / "imported").iterdir())) == 1  # converted once, into the cache
+    a, b = InferenceEngine(original, name="a"), InferenceEngine(imported, name="b")
+    try:
+        # the import renders prompts the Cambrian-1 way, so compare on the same token ids
+        ids = a.tokenize_messages([{"role": "user", "content": "<image>\nWhat is in the image?"}], 1)
+        params = SamplingParams(max_new_tokens=8, min_tokens=8)
+        ra = a.submit(ids, [image(seed=7)], params).wait(60)
+        rb = b.submit(ids, [image(seed=7)], params).wait(60)
+        assert ra.text == rb.text and rb.completion_tokens == 8
+        expected = b.generate("What is in the image?", max_new_tokens=8).text
+    finally:
+        a.shutdown()
+        b.shutdown()
+    args = [
+        "infer",
+        "--model",
+        str(src),
+        "--prompt",
+        "What is in the image?",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    assert main([*args, *[x for f in flags for x in ("--tower-path", f)]]) == 0  # the cached import is reused
+    assert capsys.readouterr().out.endswith(expected + "\n")  # after any library log lines
