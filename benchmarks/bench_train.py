@@ -1,0 +1,309 @@
+"""Training speed: the demo model's step rate and MFU, cambrian vs HF Llava, and the frozen-feature cache.
+
+(a) ``demo``: train steps of ``cambrian-tiny-med`` (configs/demo) on the bundled medical data, in fp32 and in
+    bf16 autocast; samples/s, tokens/s and MFU against a fp32 and a bf16 matmul peak measured in the same run.
+(b) ``llava``: a single-tower ``mlp2x_gelu`` cambrian model against Hugging Face
+    ``LlavaForConditionalGeneration`` of identical sizes (same CLIP tower, projector and Llama) on identical
+    batches of real variable-length medical conversations; both sides pad to the longest sample (HF's
+    documented practice), cambrian also with packing. Ratio = cambrian samples/s over HF samples/s.
+(c) ``cache``: stage-1 steps/s of the demo model reading tower features from the feature cache against running
+    the towers; plus a tower-heavy variant (a ConvNeXt at 512 px) where the towers dominate the step.
+
+Data: the bundled demo set (``cambrian convert bundled_demo``), converted into the cache on first use.
+Run:  python benchmarks/bench_train.py [--part a|b|c|all] [--steps N] [--data records.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from mmengine.config import Config
+
+from cambrian_core.builtin import CONFIG_DIR
+from cambrian_core.config import load_config
+from cambrian_core.train.metrics import measure_matmul_peak
+from cambrian_core.train.recipe import TrainRecipe
+
+DEMO = CONFIG_DIR / "demo" / "cambrian_tiny_med_pretrain.py"
+
+
+def bundled_data(path: str | None) -> Path:
+    """``records.jsonl`` of the bundled demo data (converted once into ~/.cache/cambrian/bench_data)."""
+    if path:
+        return Path(path)
+    out = (
+        Path(os.environ.get("CAMBRIAN_CACHE", Path.home() / ".cache" / "cambrian"))
+        / "bench_data"
+        / "bundled_demo"
+    )
+    if not (out / "records.jsonl").is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "cambrian_core.cli",
+            "convert",
+            "bundled_demo",
+            "--src",
+            ".",
+            "--out",
+            str(out),
+        ]
+        subprocess.run(cmd, check=True, cwd=tempfile.gettempdir())
+    return out / "records.jsonl"
+
+
+def run_recipe(cfg: Config, steps: int, work: Path) -> dict[str, Any]:
+    """Train ``steps`` updates; return the per-step metrics (the first, warm-up step dropped)."""
+    cfg.merge_from_dict(
+        {
+            "schedule.max_steps": steps,
+            "checkpoint.interval": 10**9,
+            "checkpoint.export": False,
+            "log.interval": 1,
+            "log.tensorboard": False,
+            "log.plot": False,
+            "work_dir": str(work),
+        }
+    )
+    TrainRecipe(cfg).run()
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return {"rows": [r for r in rows if r["split"] == "train"][1:]}
+
+
+def summarise(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------- (a)
+def part_demo(data: Path, steps: int) -> None:
+    print("\n(a) cambrian-tiny-med train steps (stage 1, batch 4, bundled medical data)")
+    peaks = {
+        "fp32": measure_matmul_peak(torch.float32, seconds=1.0),
+        "bf16": measure_matmul_peak(torch.bfloat16, seconds=1.0),
+    }
+    print(
+        f"    matmul peak measured now: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(DEMO, {"data.train": str(data), "schedule.precision": precision})
+        cfg.merge_from_dict({"log.peak_tflops": peaks[precision] / 1e12})
+        with tempfile.TemporaryDirectory() as work:
+            rows = run_recipe(cfg, steps, Path(work))["rows"]
+        flops = summarise(rows, "mfu") * peaks[precision]
+        mfu32, mfu16 = flops / peaks["fp32"], flops / peaks["bf16"]
+        print(
+            f"    {precision}: {summarise(rows, 'samples_s'):.2f} samples/s, {summarise(rows, 'tokens_s'):.0f} tokens/s, "
+            f"{flops / 1e9:.1f} GFLOP/s = MFU {mfu32:.1%} of the fp32 peak, {mfu16:.1%} of the bf16 peak"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- (b)
+VISION = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=112,
+    patch_size=14,
+)
+TEXT = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+)
+
+
+def part_llava(data: Path, steps: int, batch: int = 8, rounds: int = 3) -> None:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from cambrian_core.registry import MODELS, build
+    from cambrian_core.train.collate import Collator
+    from cambrian_core.train.data import IMAGE_TOKEN_INDEX, JsonlIndex, LazySupervisedDataset, tower_transform
+    from cambrian_core.train.recipe import ImageTokenCounter, RecordTokenizer
+
+    print(
+        f"\n(b) cambrian mlp2x_gelu vs HF LlavaForConditionalGeneration (identical sizes, batch {batch}, fp32 CPU)"
+    )
+    torch.manual_seed(0)
+    ours = build(
+        MODELS,
+        dict(
+            type="cambrian",
+            vision_tower_aux_list=[dict(type="clip", config=VISION, select_layer=-2)],
+            connector=dict(type="mlp2x_gelu"),
+            llm=dict(type="llama3", config={"model_type": "llama", **TEXT}),
+            image_token_len=64,
+            stage="finetune",
+        ),
+    )
+    tok = ours.llm.tokenizer
+    image_id = len(tok)
+    hf_cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=LlamaConfig(**TEXT, vocab_size=image_id + 1),
+        image_token_index=image_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    hf = LlavaForConditionalGeneration(hf_cfg)
+    hf.model.vision_tower.requires_grad_(False)  # frozen tower on both sides
+    sizes = {
+        "cambrian": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+        "hf": sum(p.numel() for p in hf.parameters() if p.requires_grad),
+    }
+    print(
+        f"    trainable parameters: cambrian {sizes['cambrian']:,}, HF {sizes['hf']:,} (HF's embedding has the image token)"
+    )
+
+    tower = ours.towers[0]
+    ds = LazySupervisedDataset(
+        JsonlIndex([data]),
+        RecordTokenizer(tok, ours.llm.template),
+        [tower_transform(tower)],
+        ImageTokenCounter(ours.grid, ours.unpad),
+        max_length=4096,
+    )
+    samples = [s for s in (ds[i] for i in range(min(len(ds), batch * (steps + 1)))) if isinstance(s, dict)]
+    samples = [s for s in samples if len(s["image_sizes"]) == 1]
+    batches = [samples[i : i + batch] for i in range(0, len(samples) - batch + 1, batch)][: steps + 1]
+    lengths = [len(s["input_ids"]) for s in samples]
+    print(
+        f"    {len(batches)} batches; text tokens per sample {min(lengths)}..{max(lengths)} (median {statistics.median(lengths):.0f})"
+    )
+
+    def hf_batch(items: list[dict]) -> dict[str, torch.Tensor]:
+        n_img = hf_cfg.vision_config.image_size // hf_cfg.vision_config.patch_size
+        seqs, labels = [], []
+        for s in items:
+            ids, lab = [], []
+            for t, y in zip(s["input_ids"].tolist(), s["labels"].tolist(), strict=True):
+                if t == IMAGE_TOKEN_INDEX:
+                    ids += [image_id] * n_img**2
+                    lab += [-100] * n_img**2
+                else:
+                    ids.append(t)
+                    lab.append(y)
+            seqs.append(ids)
+            labels.append(lab)
+        width = max(map(len, seqs))
+        out = {
+            "input_ids": torch.full((len(seqs), width), tok.pad_token_id),
+            "labels": torch.full((len(seqs), width), -100),
+            "attention_mask": torch.zeros(len(seqs), width, dtype=torch.long),
+        }
+        for i, (ids, lab) in enumerate(zip(seqs, labels, strict=True)):
+            out["input_ids"][i, : len(ids)] = torch.tensor(ids)
+            out["labels"][i, : len(lab)] = torch.tensor(lab)
+            out["attention_mask"][i, : len(ids)] = 1
+        out["pixel_values"] = torch.cat([s["pixel_values"][0] for s in items])
+        return out
+
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, kw: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        model(**kw, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
+    sides = {
+        "cambrian (dynamic padding)": (
+            ours,
+            [{k: v for k, v in Collator(tok.pad_token_id)(b).items() if k in keys} for b in batches],
+        ),
+        "cambrian (packing)": (
+            ours,
+            [
+                {
+                    k: v
+                    for k, v in Collator(tok.pad_token_id, packing=True, max_length=1024)(b).items()
+                    if k in keys
+                }
+                for b in batches
+            ],
+        ),
+        "HF Llava (dynamic padding)": (hf, [hf_batch(b) for b in batches]),
+    }
+    optims = {
+        m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (ours, hf)
+    }
+    for model, inputs in sides.values():  # warm-up pass
+        model.train()
+        step(model, optims[model], inputs[0])
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):  # interleaved rounds: load changes on a shared machine hit every side alike
+        for name, (model, inputs) in sides.items():
+            times[name].append(sum(step(model, optims[model], kw) for kw in inputs) / len(inputs))
+    print("    per-round seconds per batch:", {k: [round(x, 2) for x in v] for k, v in times.items()})
+    results = {name: batch / statistics.median(t) for name, t in times.items()}
+    base = results["HF Llava (dynamic padding)"]
+    for name, rate in results.items():
+        print(f"    {name:<28} {rate:7.2f} samples/s   ratio vs HF {rate / base:.2f}x")
+    print(
+        "    note: packed rows share one causal mask until CambrianModel hands attention_mask=None to the LLM"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- (c)
+def part_cache(data: Path, steps: int) -> None:
+    print("\n(c) stage-1 steps/s with the frozen-feature cache vs running the towers")
+    heavy = {
+        "model.vision_tower_aux_list": [
+            dict(type="efficientnet_lite0", pretrained=True, image_size=224, token_len=256),
+            dict(type="timm", model_name="convnext_tiny", image_size=512, token_len=64, freeze=True),
+        ]
+    }
+    for label, extra in (("cambrian-tiny-med", {}), ("tower-heavy (ConvNeXt-T @512 as tower 1)", heavy)):
+        rates = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode in ("towers", "cache"):
+                opts = {"data.train": str(data), **extra}
+                if mode == "cache":
+                    opts["data.feature_cache"] = str(Path(tmp) / "features")
+                cfg = load_config(DEMO, opts)
+                t0 = time.perf_counter()
+                rows = run_recipe(cfg, steps, Path(tmp) / mode)["rows"]
+                step_s = summarise(rows, "samples_s") / cfg.data.batch_size
+                rates[mode] = step_s
+                print(
+                    f"    {label}: {mode:<6} {step_s:6.3f} steps/s  (run incl. setup and cache build {time.perf_counter() - t0:.0f} s)"
+                )
+        print(f"    {label}: cache speed-up {rates['cache'] / rates['towers']:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["a", "b", "c", "all"], default="all")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per measurement (plus one warm-up)")
+    ap.add_argument("--data", help="records.jsonl (default: the bundled demo data)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    data = bundled_data(args.data)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {data}")
+    if args.part in ("a", "all"):
+        part_demo(data, args.steps + 1)
+    if args.part in ("b", "all"):
+        part_llava(data, args.steps)
+    if args.part in ("c", "all"):
+        part_cache(data, args.steps + 1)
+
+
+if __name__ == "__main__":
+    main()
