@@ -534,82 +534,95 @@ class TrainRecipe:
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
     def train(self) -> None:
+        """One update per window of ``grad_accum`` micro-batches until ``total_steps``."""
         self.announce(f"train: steps {self.step + 1}..{self.total_steps}")
-        r, s = self.runner, self.sched
         if self.resume_rng is not None:
             restore_rng(self.resume_rng)  # last, so nothing in setup shifts the stream
-        r.model.train()
-        fallback: dict[str, Any] | None = None
+        self.runner.model.train()
+        self.fallback: dict[str, Any] | None = None
         self.consumed = self.sampler.start_batch
         windows = self._windows()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            window = next(windows)
-            for b in window:
-                for sk in b["skipped"]:
-                    self.skips.add(sk)
-            # each micro-batch weighs its share of the update's target tokens over all ranks; ranks' gradients
-            # are averaged, hence the world size: the update equals one big batch's token-mean loss
-            local_targets = sum(b.get("num_target_tokens", 0) for b in window)
-            total_targets = float(r.all_reduce(torch.tensor([float(local_targets)]))[0]) / r.world_size
-            loss_sum, tokens, samples, flops = 0.0, 0, 0, 0.0
-            for k, batch in enumerate(window):
-                weight = batch.get("num_target_tokens", 0) / total_targets if total_targets else 0.0
-                if not batch["num_samples"]:  # every sample of this micro-batch was skipped
-                    if fallback is None:
-                        if r.world_size == 1:
-                            continue
-                        raise RuntimeError(
-                            "the first micro-batch of the run has no usable sample on this rank"
-                        )
-                    batch, weight = fallback, 0.0  # keeps ranks in lock-step; contributes no gradient
-                loss = r.forward(batch)
-                if not loss.requires_grad:
-                    raise RuntimeError(
-                        f"the loss of samples {batch.get('indices')} reaches no trainable weight (text-only samples "
-                        "while only the connector trains?); check the stage and the data"
-                    )
-                value = float(loss.detach().float().cpu())
-                bad = r.all_reduce(torch.tensor([0.0 if np.isfinite(value) else 1.0]), "max")
-                if bad.item():
-                    shown = value if not np.isfinite(value) else float("nan")
-                    check_finite(shown, self.step + 1, self.last_checkpoint, batch.get("indices"))
-                r.backward(loss * weight, last_micro=k == len(window) - 1)
-                if weight:
-                    fallback = batch
-                    loss_sum += value * batch["num_target_tokens"]
-                    tokens += batch["num_tokens"]
-                    samples += batch["num_samples"]
-                    if self.flops is not None:
-                        rows = batch["attention_mask"].sum(1).tolist()
-                        flops += self.flops.step_flops(batch["num_tokens"], rows, len(batch["image_sizes"]))
-            grad_norm = r.step()
+            totals, grad_norm = self._update(next(windows))
             self.step += 1
-            dt = time.perf_counter() - t0
-            totals = r.all_reduce(
-                torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
-            )
-            loss_avg = float(totals[0] / max(totals[1], 1.0))
-            values = {
-                "loss": loss_avg,
-                "lr": max(r.current_lrs().values()),
-                "grad_norm": grad_norm,
-                "samples_s": float(totals[3]) / dt,
-                "tokens_s": float(totals[2]) / dt,
-                "epoch": self.sampler.epoch + self.consumed / (self.updates_per_epoch * s.grad_accum),
-            }
-            if self.flops is not None:
-                values["mfu"] = float(totals[4]) / dt / (self.peak_flops * r.world_size)
-            self.history.append({"step": self.step, "loss": loss_avg})
-            self.logger.advance()
-            if self.step % self.logcfg.interval == 0 or self.step == 1 or self.step == self.total_steps:
-                self.logger.log(self.step, {**values, "skipped": float(self.skips.total)})
-                if self.skips.total:
-                    self.logger.message(f"step {self.step}: {self.skips.summary()}")
-            if s.eval_interval and self.step % s.eval_interval == 0 and self.val_set is not None:
+            self._report(totals, grad_norm, time.perf_counter() - t0)
+            if (
+                self.sched.eval_interval
+                and self.step % self.sched.eval_interval == 0
+                and self.val_set is not None
+            ):
                 self.evaluate()
             if self.step % self.ckpt.interval == 0 and self.step < self.total_steps:
                 self.save()
+
+    def _update(self, window: list[dict[str, Any]]) -> tuple[torch.Tensor, float]:
+        """Forward / backward every micro-batch of ``window``, then one optimiser step.
+
+        Each micro-batch weighs its share of the update's target tokens over all ranks (ranks' gradients are
+        averaged, hence the world size), so the update equals one big batch's token-mean loss. Returns the
+        rank-summed ``[loss x targets, targets, tokens, samples, flops]`` and the gradient norm.
+        """
+        r = self.runner
+        for b in window:
+            for sk in b["skipped"]:
+                self.skips.add(sk)
+        local_targets = sum(b.get("num_target_tokens", 0) for b in window)
+        total_targets = float(r.all_reduce(torch.tensor([float(local_targets)]))[0]) / r.world_size
+        loss_sum, tokens, samples, flops = 0.0, 0, 0, 0.0
+        for k, batch in enumerate(window):
+            weight = batch.get("num_target_tokens", 0) / total_targets if total_targets else 0.0
+            if not batch["num_samples"]:  # every sample of this micro-batch was skipped
+                if self.fallback is None:
+                    if r.world_size == 1:
+                        continue
+                    raise RuntimeError("the first micro-batch of the run has no usable sample on this rank")
+                batch, weight = self.fallback, 0.0  # keeps the ranks in lock-step; adds no gradient
+            loss = r.forward(batch)
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    f"the loss of samples {batch.get('indices')} reaches no trainable weight (text-only samples "
+                    "while only the connector trains?); check the stage and the data"
+                )
+            value = float(loss.detach().float().cpu())
+            if r.all_reduce(torch.tensor([0.0 if np.isfinite(value) else 1.0]), "max").item():
+                shown = value if not np.isfinite(value) else float("nan")  # another rank's loss went bad
+                check_finite(shown, self.step + 1, self.last_checkpoint, batch.get("indices"))
+            r.backward(loss * weight, last_micro=k == len(window) - 1)
+            if weight:
+                self.fallback = batch
+                loss_sum += value * batch["num_target_tokens"]
+                tokens += batch["num_tokens"]
+                samples += batch["num_samples"]
+                if self.flops is not None:
+                    rows = batch["attention_mask"].sum(1).tolist()
+                    flops += self.flops.step_flops(batch["num_tokens"], rows, len(batch["image_sizes"]))
+        grad_norm = r.step()
+        totals = r.all_reduce(
+            torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
+        )
+        return totals, grad_norm
+
+    def _report(self, totals: torch.Tensor, grad_norm: float, dt: float) -> None:
+        """Progress bar, metrics sinks and the skip summary for the step just taken."""
+        r = self.runner
+        loss = float(totals[0] / max(totals[1], 1.0))
+        values = {
+            "loss": loss,
+            "lr": max(r.current_lrs().values()),
+            "grad_norm": grad_norm,
+            "samples_s": float(totals[3]) / dt,
+            "tokens_s": float(totals[2]) / dt,
+            "epoch": self.sampler.epoch + self.consumed / (self.updates_per_epoch * self.sched.grad_accum),
+        }
+        if self.flops is not None:
+            values["mfu"] = float(totals[4]) / dt / (self.peak_flops * r.world_size)
+        self.history.append({"step": self.step, "loss": loss})
+        self.logger.advance()
+        if self.step % self.logcfg.interval == 0 or self.step in (1, self.total_steps):
+            self.logger.log(self.step, {**values, "skipped": float(self.skips.total)})
+            if self.skips.total:
+                self.logger.message(f"step {self.step}: {self.skips.summary()}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
