@@ -57,3 +57,28 @@ def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
     assert not torch.equal(
         a["connector.mm_projector.0.weight"], torch.zeros_like(a["connector.mm_projector.0.weight"])
     )
+
+
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu_with_nccl(tmp_path: Path) -> None:
+    records = write_dataset(tmp_path / "data", n=16)
+    over = {"schedule": {"max_steps": 3, "precision": "bf16"}, "checkpoint": {"interval": 2}}
+    cfg = dump(
+        train_cfg(records, tmp_path / "w", runner={"type": "fsdp"}, data={"batch_size": 4}, **over),
+        tmp_path / "c.py",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cambrian_core.cli",
+        "train",
+        str(cfg),
+        "--launcher",
+        "torchrun",
+        "--nproc",
+        "1",
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/1 on cuda:0" in proc.stderr
+    assert len(losses(tmp_path / "w")) == 3

@@ -169,3 +169,34 @@ def test_xla_runner_without_torch_xla_says_how_to_install() -> None:
 
     with pytest.raises(ImportError, match=r"requirements-xla\.txt.*PJRT_DEVICE"):
         XLARunner().setup()
+
+
+def test_dataset_ships_to_workers_without_tower_weights(records: Path, tmp_path: Path) -> None:
+    import pickle
+
+    from mmengine.config import Config
+
+    from cambrian_core.train.recipe import TrainRecipe
+
+    recipe = TrainRecipe(Config(train_cfg(records, tmp_path, data={"num_workers": 2})), dry_run=True)
+    recipe.checks()
+    recipe.setup()
+    blob = pickle.dumps(recipe.train_set)  # what a spawned DataLoader worker receives
+    tower_bytes = sum(p.numel() * p.element_size() for t in recipe.model.towers for p in t.parameters())
+    assert len(blob) < tower_bytes / 2
+    clone = pickle.loads(blob)
+    a, b = clone[0], recipe.train_set[0]
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
+        a["pixel_values"][1], b["pixel_values"][1]
+    )
+    batches = list(recipe.loader)  # two worker processes, per-tower transforms computed there
+    assert sum(b["num_samples"] for b in batches) == len(recipe.sampler) * 2
+
+
+@pytest.mark.gpu
+def test_single_runner_on_cuda_in_bf16(records: Path, tmp_path: Path) -> None:
+    over = {"schedule": {"max_steps": 3, "precision": "bf16"}}
+    gpu = run(train_cfg(records, tmp_path / "gpu", runner={"type": "single", "device": "cuda"}, **over))
+    cpu = run(train_cfg(records, tmp_path / "cpu", **over))
+    assert gpu["losses"] == pytest.approx(cpu["losses"], rel=2e-2)
+    assert "rank 0/1 on cuda:0" in (tmp_path / "gpu" / "train.log").read_text()

@@ -97,6 +97,8 @@ class Runner:
                 return torch.device("mps")
             return torch.device("cpu")
         dev = torch.device(want)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", self.local_rank)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 f"runner.device={want!r} but CUDA is not available here; use device='auto' or 'cpu'"
