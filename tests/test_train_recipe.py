@@ -156,6 +156,16 @@ def test_cli_dry_run_errors_and_launchers(
     cmd = launch_command(args)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert cmd[5:] == ["-m", "cambrian_core.train", "c.py", "--cfg-options", "a=1", "--resume", "auto"]
+    args.launcher = "deepspeed"
+    cmd = launch_command(args)
+    assert cmd[1:7] == [
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus=4",
+        "--no_local_rank",
+        "--module",
+        "cambrian_core.train",
+    ]
 
 
 def test_xla_runner_without_torch_xla_says_how_to_install() -> None:

@@ -8,8 +8,8 @@ With ``--launcher torchrun --nproc N`` the command re-executes itself under
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -70,19 +70,11 @@ def launch_command(args: argparse.Namespace) -> list[str]:
             f"--nproc_per_node={args.nproc}",
             *inner,
         ]
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        raise SystemExit(
-            "--launcher deepspeed needs the `deepspeed` command: pip install 'cambrian[deepspeed]'"
-        )
-    return [
-        launcher,
-        f"--num_gpus={args.nproc}",
-        "--no_local_rank",
-        "--module",
-        "cambrian_core.train",
-        *_forwarded(args),
-    ]
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("--launcher deepspeed needs DeepSpeed: pip install 'cambrian[deepspeed]'")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]  # the `deepspeed` command of this env
+    ds_args = [f"--num_gpus={args.nproc}", "--no_local_rank", "--module", "cambrian_core.train"]
+    return [*launcher, *ds_args, *_forwarded(args)]
 
 
 def run(args: argparse.Namespace) -> int:
