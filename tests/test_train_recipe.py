@@ -210,3 +210,20 @@ def test_single_runner_on_cuda_in_bf16(records: Path, tmp_path: Path) -> None:
     cpu = run(train_cfg(records, tmp_path / "cpu", **over))
     assert gpu["losses"] == pytest.approx(cpu["losses"], rel=2e-2)
     assert "rank 0/1 on cuda:0" in (tmp_path / "gpu" / "train.log").read_text()
+
+
+def test_gradient_checkpointing_and_bf16_autocast(records: Path, tmp_path: Path) -> None:
+    over = {"stage": "finetune", "model": tiny_model_cfg(stage="finetune"), "schedule": {"max_steps": 2}}
+    plain = run(train_cfg(records, tmp_path / "plain", **over))
+    ckpt = run(
+        train_cfg(
+            records, tmp_path / "gc", **{**over, "schedule": {"max_steps": 2, "gradient_checkpointing": True}}
+        )
+    )
+    assert ckpt["losses"] == pytest.approx(
+        plain["losses"], rel=1e-5
+    )  # recomputation changes memory, not maths
+    bf16 = run(
+        train_cfg(records, tmp_path / "bf16", **{**over, "schedule": {"max_steps": 2, "precision": "bf16"}})
+    )
+    assert bf16["losses"] == pytest.approx(plain["losses"], rel=2e-2) and bf16["losses"] != plain["losses"]
