@@ -92,7 +92,8 @@ def train_cfg(records: Path, work_dir: Path, **over: Any) -> dict[str, Any]:
         "seed": 0,
         "work_dir": str(work_dir),
     }
-    for key, value in over.items():  # plain sections merge key by key; components (model, runner) are replaced
+    # plain sections merge key by key; components (model, runner) are replaced
+    for key, value in over.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key not in ("model", "runner"):
             cfg[key] = {**cfg[key], **value}
         else:
