@@ -106,10 +106,6 @@ def test_lora_finetune_trains_adapters_and_exports_merged(records: Path, tmp_pat
     assert not torch.equal(model.state_dict()[key], base.state_dict()[key])  # the adapter was merged in
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CambrianModel hands attention_mask to the LLM, which turns off transformers' packed-segment masks",
-)
 def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
     from mmengine.config import Config
 

@@ -337,10 +337,15 @@ class CambrianModel(nn.Module):
         )
         if self.training:
             llm_kwargs.setdefault("use_cache", False)  # a training forward never decodes further
+        mask = batch.attention_mask
+        if position_ids is not None and padding_side == "right" and not llm_kwargs.get("use_cache"):
+            # Packed rows: transformers keeps the segments apart (a 0 in position_ids starts one) only when it
+            # gets no 2-D mask. Right padding follows every real token of a causal row, so nothing real sees it.
+            mask = None
         with activate(ctx):
             return self.llm(
                 inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
+                attention_mask=mask,
                 position_ids=batch.position_ids,
                 labels=batch.labels,
                 **llm_kwargs,
