@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${CAMBRIAN_CACHE:-$HOME/.cache/cambrian}
-key=$( { python3 --version 2>&1; cat requirements-xla.txt; } | sha256sum | cut -c1-16)
+key=$( { python3 --version 2>&1; cat requirements-xla.txt requirements.txt; } | sha256sum | cut -c1-16)  # -xla includes the main file
 venv="$CACHE/venvs/xla-$key"
 if [ ! -f "$venv/.complete" ]; then
     echo "[setup-xla] building $venv (about 2-3 minutes)" >&2
