@@ -6,3 +6,5 @@ _base_ = [
     "../_base_/runtime/single.py",
 ]
 load_from = "work_dirs/cambrian_tiny_med_pretrain/model"
+# the instruct records of the converted demo set (scripts/quickstart.sh: cambrian data mix --stage instruct)
+data = dict(train="{{$CAMBRIAN_DATA:data}}/bundled_demo/stage2_instruct.jsonl")

@@ -5,3 +5,5 @@ _base_ = [
     "../_base_/schedules/demo_pretrain.py",
     "../_base_/runtime/single.py",
 ]
+# the caption records of the converted demo set (scripts/quickstart.sh: cambrian data mix --stage caption)
+data = dict(train="{{$CAMBRIAN_DATA:data}}/bundled_demo/stage1_caption.jsonl")
