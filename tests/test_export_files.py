@@ -12,7 +12,7 @@ from safetensors import safe_open
 from cambrian_core.cli import main
 from cambrian_core.export.card import write_model_card
 from cambrian_core.export.shards import INDEX_NAME, ShardWriter, read_state
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 from cambrian_core.model.io import CONFIG_NAME, load_model
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cambrian_core.export.shards import ShardWriter, iter_state
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = [
     "CAMBRIAN1_CONFIG_KEYS",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cambrian_core.export.shards import INDEX_NAME, ShardWriter, iter_state
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = ["DTYPE_NAMES", "convert_dtype", "copy_model_files", "resolve_dtype", "saved_folder"]
 

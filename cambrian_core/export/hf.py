@@ -15,7 +15,7 @@ import torch
 
 from cambrian_core.export.card import find_sources, model_card, parameter_counts
 from cambrian_core.export.dtype import saved_folder
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = ["FORMATS", "export_hf"]
 

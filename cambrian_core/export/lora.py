@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = ["LoraMergeError", "load_adapter", "merge_lora"]
 

@@ -19,7 +19,7 @@ import torch
 
 from cambrian_core.export.dtype import copy_model_files, resolve_dtype
 from cambrian_core.export.shards import INDEX_NAME, ShardWriter, iter_state
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = ["REMOTE_FILES", "export_remote_model", "write_remote_folder"]
 

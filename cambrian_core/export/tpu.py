@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cambrian_core.export.shards import ShardWriter, torch_load
-from cambrian_core.export.staging import staged_folder
+from cambrian_core.fileio import staged_folder
 
 __all__ = [
     "ShardFile",

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cambrian_core.fileio import staged_folder
 from cambrian_core.registry import ENCODERS, LLMS, MODELS, build
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "load_model", "load_weights", "read_config", "save_model"]
@@ -104,14 +103,6 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
     tensors, aliases = _dedupe(state)
     split = split_torch_state_dict_into_shards(
@@ -137,9 +128,7 @@ def save_model(model: nn.Module, folder: str | os.PathLike, max_shard_size: int 
             that gets a shard of its own.
     """
     dest = Path(folder).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with staged_folder(dest, overwrite=True) as tmp:
         config = saved_config(model, tmp)
         from cambrian_core import __version__
 
@@ -150,21 +139,6 @@ def save_model(model: nn.Module, folder: str | os.PathLike, max_shard_size: int 
             raise ValueError(f"cannot save: the model config is not JSON-serialisable ({exc})") from exc
         (tmp / CONFIG_NAME).write_text(text)
         _write_weights(model.state_dict(), tmp, max_shard_size)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        _fsync(tmp)
-        backup = None
-        if dest.exists():
-            backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, backup)
-        os.rename(tmp, dest)
-        _fsync(dest.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(dest)
 
 

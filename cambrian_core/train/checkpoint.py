@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cambrian_core.fileio import fsync_path, fsync_tree
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "capture_rng",
-    "fsync_tree",
     "is_complete",
     "restore_rng",
 ]
@@ -42,27 +43,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (incomplete, missing, or from another run)."""
-
-
-def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every file and folder under ``root``; return ``{relative path: size}`` of the files."""
-    sizes = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            _fsync_path(p)
-            sizes[str(p.relative_to(root))] = p.stat().st_size
-        _fsync_path(Path(dirpath))
-    return sizes
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -147,8 +127,8 @@ class CheckpointManager:
             sizes = fsync_tree(tmp)
             marker = tmp / COMPLETE
             marker.write_text(json.dumps({"step": step, "time": time.time(), "files": sizes}, indent=1))
-            _fsync_path(marker)
-            _fsync_path(tmp)
+            fsync_path(marker)
+            fsync_path(tmp)
             if final.exists():  # re-saving a step (resumed from an earlier one): swap, never leave a gap
                 old = self.root / f".old-step_{step:08d}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +137,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             self.prune()
         self.barrier()
         return final

@@ -1,7 +1,7 @@
-"""Write an output folder atomically: build it under a temporary name next to its destination, then rename.
+"""Durable, atomic file output shared by saving, checkpointing and exporting.
 
-A failed or interrupted export leaves nothing at the destination (and an existing folder untouched unless
-``overwrite`` is set, in which case it is replaced only once the new one is complete).
+A folder is built under a temporary name next to its destination, fsynced, then renamed: a failed or killed
+write leaves nothing at the destination, and an existing folder stays untouched until the new one is complete.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["fsync_tree", "staged_folder"]
+__all__ = ["fsync_path", "fsync_tree", "staged_folder"]
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (folders that the file system cannot open are skipped)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
     try:
         fd = os.open(path, flags)
@@ -30,12 +31,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (so a rename publishes complete data)."""
+def fsync_tree(root: Path) -> dict[str, int]:
+    """fsync every file and folder under ``root`` (so a rename publishes complete data); returns
+    ``{relative path: size}`` of the files."""
+    sizes = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
+            path = Path(dirpath) / name
+            fsync_path(path)
+            sizes[str(path.relative_to(root))] = path.stat().st_size
+        fsync_path(Path(dirpath))
+    return sizes
 
 
 @contextmanager
@@ -62,7 +68,7 @@ def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Itera
             backup = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.rename(dest, backup)
         os.rename(tmp, dest)
-        _fsync(dest.parent)
+        fsync_path(dest.parent)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
