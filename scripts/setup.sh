@@ -14,25 +14,22 @@ REQS=(requirements-torch.txt requirements.txt requirements-nodeps.txt)
 key=$( { "$PYTHON" --version 2>&1; cat "${REQS[@]}"; } | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/main-$key"
 
-if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
-    echo "[setup] building the environment in $venv (torch from local disk; about 2 minutes)"
-    rm -rf "$venv" "$venv.tmp"
-    mkdir -p "$CACHE/venvs"
-    "$PYTHON" -m venv "$venv.tmp"
-    mv "$venv.tmp" "$venv"   # venvs hard-code their path: build under the final name before filling it
-    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-    "${pip[@]}" -r requirements-torch.txt
-    "${pip[@]}" -r requirements.txt
-    "${pip[@]}" --no-deps -r requirements-nodeps.txt
-    touch "$venv/.complete"
-else
-    echo "[setup] reusing the environment in $venv"
-fi
-
 if [ -e .venv ] && [ ! -L .venv ]; then
-    echo "[setup] .venv exists and is not a link to the cache; leaving it (remove it to use the cached one)"
-    venv=$(cd .venv && pwd)
+    echo "[setup] using the existing .venv folder (remove it to build the cached, shared environment)"
 else
+    if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+        echo "[setup] building the environment in $venv (torch from local disk; about 2 minutes)"
+        rm -rf "$venv"
+        mkdir -p "$CACHE/venvs"
+        "$PYTHON" -m venv "$venv"   # venvs hard-code their path: build in place, mark complete at the end
+        pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+        "${pip[@]}" -r requirements-torch.txt
+        "${pip[@]}" -r requirements.txt
+        "${pip[@]}" --no-deps -r requirements-nodeps.txt
+        touch "$venv/.complete"
+    else
+        echo "[setup] reusing the environment in $venv"
+    fi
     ln -sfn "$venv" .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
