@@ -18,7 +18,27 @@ from cambrian_core.model.encoder import IMAGENET_MEAN, IMAGENET_STD, VisionEncod
 from cambrian_core.model.llm import LanguageModel
 from cambrian_core.model.template import ChatTemplate, Message, Segment
 
-WORDS = ["what", "is", "in", "the", "image", "?", "a", "chest", "x-ray", "lung", "heart", "normal", "no", "yes", "left", "right", "USER", ":", "ASSISTANT"]
+WORDS = [
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "?",
+    "a",
+    "chest",
+    "x-ray",
+    "lung",
+    "heart",
+    "normal",
+    "no",
+    "yes",
+    "left",
+    "right",
+    "USER",
+    ":",
+    "ASSISTANT",
+]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 

@@ -116,7 +116,9 @@ class VisionEncoder(nn.Module, abc.ABC):
     def architecture_config(self) -> dict[str, Any]:
         """Keywords (without ``type``) that rebuild this exact architecture with no file or download, so a saved
         model restores its towers from its own folder alone. Weight-path keywords must be left out."""
-        raise TypeError(f"{type(self).__name__} must define architecture_config() so saved models can restore it")
+        raise TypeError(
+            f"{type(self).__name__} must define architecture_config() so saved models can restore it"
+        )
 
     # ------------------------------------------------------------------ provided
     @property

@@ -44,7 +44,9 @@ class LanguageModel(nn.Module):
     def save_pretrained(self, folder: str) -> dict[str, Any]:
         """Write what rebuilding needs besides the weights (HF ``config.json``, tokenizer files) to ``folder``
         and return keywords (without ``type``) that rebuild this LLM from that folder with no weights loaded."""
-        raise TypeError(f"{type(self).__name__} must define save_pretrained(folder) so saved models can restore it")
+        raise TypeError(
+            f"{type(self).__name__} must define save_pretrained(folder) so saved models can restore it"
+        )
 
     @property
     def hidden_size(self) -> int:
