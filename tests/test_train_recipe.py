@@ -223,3 +223,36 @@ def test_gradient_checkpointing_and_bf16_autocast(records: Path, tmp_path: Path)
         train_cfg(records, tmp_path / "bf16", **{**over, "schedule": {"max_steps": 2, "precision": "bf16"}})
     )
     assert bf16["losses"] == pytest.approx(plain["losses"], rel=2e-2) and bf16["losses"] != plain["losses"]
+
+
+def test_eval_section_scores_a_vqa_dev_split_during_training(records: Path, tmp_path: Path) -> None:
+    out = run(
+        train_cfg(
+            records,
+            tmp_path,
+            schedule={"max_steps": 4, "eval_interval": 2},
+            eval={
+                "benchmark": "jsonl",
+                "data": str(records),
+                "limit": 3,
+                "max_new_tokens": 4,
+                "batch_size": 2,
+            },
+        )
+    )
+    assert out["step"] == 4
+    for step in (2, 4):  # every eval_interval, no held-out split needed
+        results = json.loads((tmp_path / "vqa_eval" / f"step-{step}" / "results.json").read_text())
+        assert results["metrics"]["open_f1"]["n"] == 3  # the first `limit` items, scored
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vqa = [r for r in rows if r["split"] == "vqa"]
+    assert [r["step"] for r in vqa] == [2, 4]
+    assert {"jsonl/open_f1", "jsonl/open_recall", "jsonl/llava_med_open_recall"} <= set(vqa[0])
+    assert all(0.0 <= r["jsonl/open_f1"] <= 1.0 and r["jsonl/failed"] == 0.0 for r in vqa)
+
+
+def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> None:
+    from cambrian_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval\.limt: unknown key; did you mean `limit`\?"):
+        run(train_cfg(records, tmp_path, eval={"benchmark": "jsonl", "data": str(records), "limt": 3}))

@@ -27,6 +27,7 @@ __all__ = [
     "SECTIONS",
     "CheckpointSection",
     "DataSection",
+    "EvalSection",
     "LogSection",
     "OptimSection",
     "Problem",
@@ -131,6 +132,26 @@ class LogSection:
     peak_tflops: float | None = None
 
 
+@dataclass
+class EvalSection:
+    """Medical-VQA scoring of a small dev split during training, through the serving engine (the
+    ``cambrian eval`` metrics); runs with every held-out evaluation and at the end, on single-process runs.
+
+    ``benchmark``: vqa_rad, slake, pathvqa, pmc_vqa or jsonl; ``data``: its local folder or file; ``limit``: the
+    first N items of ``split``; ``options``: extra loader keywords (e.g. ``{"lang": "en"}`` for SLAKE).
+    """
+
+    benchmark: str = ""
+    data: str = ""
+    split: str | None = None
+    limit: int = 64
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    prompt_style: str = "short"
+    metrics: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 #: top-level key -> dataclass (plain section) or registry kind (component section) or a python type
 SECTIONS: dict[str, Any] = {
     "model": "models",
@@ -146,7 +167,7 @@ SECTIONS: dict[str, Any] = {
     "seed": int,
     "resume": (str, bool, type(None)),
     "load_from": (str, type(None)),
-    "eval": dict,
+    "eval": EvalSection,
     "convert": dict,
     "serve": dict,
 }

@@ -32,6 +32,7 @@ from cambrian_core.config import check as check_config
 from cambrian_core.config.schema import (
     CheckpointSection,
     DataSection,
+    EvalSection,
     LogSection,
     OptimSection,
     ScheduleSection,
@@ -232,6 +233,7 @@ class TrainRecipe:
             f"setup: {self.runner.name} runner, rank {self.runner.rank}/{self.runner.world_size} on {self.runner.device}"
         )
         self._setup_model()
+        self.vqa_hook = self._setup_vqa_hook()
         self._setup_data()
         self._setup_optimization()
         self._setup_resume()
@@ -243,6 +245,33 @@ class TrainRecipe:
             tensorboard=self.logcfg.tensorboard,
             wandb=self.logcfg.wandb,
             config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
+        )
+
+    def _setup_vqa_hook(self) -> Any:
+        """An :class:`~cambrian_core.eval.hook.EvalHook` for the ``eval`` section, or ``None``."""
+        section = self.cfg.get("eval")
+        if not section:
+            return None
+        ev = _section(EvalSection, self.cfg, "eval")
+        if self.runner.world_size > 1:
+            self.announce(
+                "setup: VQA evaluation skipped: it needs the unsharded model (score the exported model with `cambrian eval`)"
+            )
+            return None
+        from cambrian_core.eval.hook import EvalHook
+
+        self.announce(f"setup: VQA evaluation on {ev.limit} items of {ev.benchmark} ({ev.data})")
+        return EvalHook(
+            ev.benchmark,
+            ev.data,
+            split=ev.split,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            prompt_style=ev.prompt_style,
+            metrics=ev.metrics,
+            out_dir=self.work_dir / "vqa_eval",
+            **ev.options,
         )
 
     def _setup_logging(self, is_main: bool) -> None:
@@ -547,12 +576,8 @@ class TrainRecipe:
             totals, grad_norm = self._update(next(windows))
             self.step += 1
             self._report(totals, grad_norm, time.perf_counter() - t0)
-            if (
-                self.sched.eval_interval
-                and self.step % self.sched.eval_interval == 0
-                and self.val_set is not None
-            ):
-                self.evaluate()
+            if self.sched.eval_interval and self.step % self.sched.eval_interval == 0:
+                self._evaluate_all()
             if self.step % self.ckpt.interval == 0 and self.step < self.total_steps:
                 self.save()
 
@@ -624,6 +649,14 @@ class TrainRecipe:
             if self.skips.total:
                 self.logger.message(f"step {self.step}: {self.skips.summary()}")
 
+    def _evaluate_all(self) -> None:
+        """Held-out loss (when a split is held out), then the ``eval`` section's VQA metrics (when set)."""
+        if self.val_set is not None:
+            self.evaluate()  # runs the VQA metrics too
+        else:
+            self._evaluate_vqa()
+            self.last_eval_step = self.step
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted loss on the held-out split (all ranks)."""
@@ -657,7 +690,17 @@ class TrainRecipe:
         self.logger.message(f"step {self.step}: held-out loss {value:.4f}")
         self.history.append({"step": self.step, "eval_loss": value})
         self.last_eval_step = self.step
+        self._evaluate_vqa()
         return value
+
+    def _evaluate_vqa(self) -> None:
+        """The ``eval`` section's dev-split VQA metrics (greedy answers through the serving engine)."""
+        if self.vqa_hook is None:
+            return
+        values = self.vqa_hook(self.runner.model, self.step, self.logger)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
+        self.logger.message(f"step {self.step}: {shown}")
+        self.history.append({"step": self.step, **{f"vqa/{k}": v for k, v in values.items()}})
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (atomic; see ``checkpoint``)."""
@@ -688,8 +731,8 @@ class TrainRecipe:
     # =============================================================================================== cleanup
     def cleanup(self) -> None:
         self.announce("cleanup: final checkpoint, evaluation, exported model, loss curve")
-        if self.val_set is not None and self.last_eval_step != self.step:
-            self.evaluate()
+        if self.last_eval_step != self.step:
+            self._evaluate_all()
         self.save()
         self.exported = self._export()
         self.logger.close()
