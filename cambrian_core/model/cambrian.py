@@ -139,7 +139,7 @@ class CambrianModel(nn.Module):
         install_hooks(nn.ModuleList(layers[i] for i in scheduled))
         self.gradient_checkpointing = False
         self.stage = stage
-        self.set_stage(stage)
+        self.set_stage(stage, log_table=False)  # trainers call set_stage again and log the table
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()
 
