@@ -16,6 +16,7 @@ The LLaVA-Med and PMC-VQA compatible scorers live in :mod:`.compat`, labelled as
 
 from __future__ import annotations
 
+import abc
 import math
 from collections import Counter
 from typing import Any, ClassVar
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class Metric:
+class Metric(abc.ABC):
     """A per-item score. Subclasses set the class attributes and implement :meth:`score`."""
 
     #: registered name
@@ -61,8 +62,9 @@ class Metric:
     def applies(self, item: VQAItem) -> bool:
         return item.kind == self.kind
 
+    @abc.abstractmethod
     def score(self, prediction: str, item: VQAItem) -> float:
-        raise NotImplementedError
+        """Score of one prediction for ``item`` (0..1)."""
 
     def info(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import inspect
 import json
 from collections.abc import Mapping
@@ -86,8 +87,9 @@ class HFVisionEncoder(PluginEncoder):
         self._finish(freeze, dtype)
 
     # ------------------------------------------------------------------ family hooks
+    @abc.abstractmethod
     def _classes(self, model_type: str | None) -> tuple[type[nn.Module], type[Any]]:
-        raise NotImplementedError
+        """(model class, config class) of the family for an HF ``model_type``."""
 
     def _prefix_tokens(self) -> int:
         return 0
