@@ -61,7 +61,7 @@ _provider = threading.local()
 
 
 def current_provider() -> str:
-    """The distribution whose hook is running now (``"<unknown>"`` for direct registration)."""
+    """The distribution whose hook is running now (``"<direct registration>"`` outside any plugin hook)."""
     return getattr(_provider, "name", None) or "<direct registration>"
 
 
@@ -106,7 +106,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
         if reload:
             for reg in REGISTRIES.values():
                 reg.clear()
-            importlib_invalidate()
+            _invalidate_import_caches()
         _state["loading"] = True
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
@@ -142,7 +142,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
         return pm
 
 
-def importlib_invalidate() -> None:
+def _invalidate_import_caches() -> None:
     """Make newly installed / removed distributions visible to ``importlib.metadata``."""
     import importlib
     import sys
