@@ -6,6 +6,7 @@ It is reached through the ``cambrian.plugins`` entry point ``core`` exactly like
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,17 @@ _COMPONENT_MODULES: list[str] = [
     "cambrian_core.eval.metrics",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """``configs/`` of a checkout (editable install), else the ``cambrian_configs`` data package of a wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    spec = importlib.util.find_spec("cambrian_configs")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else checkout
+
+
+CONFIG_DIR = _config_dir()
 
 
 @hookimpl
