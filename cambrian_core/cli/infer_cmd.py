@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cambrian_core.data.windowing import PRESETS
+from cambrian_core.serve.flags import placement_arguments
 
 __all__ = ["add_parser", "done_ids", "run"]
 
@@ -61,16 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    placement_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="batch mode: prompts decoded together")
-    p.add_argument(
-        "--tower-path",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="for a Cambrian-1 folder: local weights of a tower named in its config (repeat per tower)",
-    )
     p.set_defaults(func=run)
 
 

@@ -7,9 +7,29 @@ import argparse
 
 from cambrian_core.serve.protocol import CONTROLLER_HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL
 
-__all__ = ["api_arguments", "controller_arguments", "demo_arguments", "web_arguments", "worker_arguments"]
+__all__ = [
+    "api_arguments",
+    "controller_arguments",
+    "demo_arguments",
+    "placement_arguments",
+    "web_arguments",
+    "worker_arguments",
+]
 
 DISPATCH_METHODS = ("lottery", "shortest_queue")
+
+
+def placement_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how a model loads: ``--device``, ``--dtype`` and ``--tower-path`` (shared by every loader)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument(
+        "--tower-path",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="for a Cambrian-1 folder: local weights of a tower named in its config (repeat per tower)",
+    )
 
 
 def controller_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,15 +76,7 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
     p.add_argument(
         "--model-name", default=None, help="name announced to the controller (default: from the path)"
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--tower-path",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="for a Cambrian-1 folder: local weights of a tower named in its config (repeat per tower)",
-    )
+    placement_arguments(p)
     p.add_argument(
         "--limit-model-concurrency",
         type=int,
@@ -134,15 +146,7 @@ def api_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept image_url values that are paths on this machine (off by default)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--tower-path",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="for a Cambrian-1 folder: local weights of a tower named in its config (repeat per tower)",
-    )
+    placement_arguments(p)
     p.add_argument(
         "--max-batch-size", type=int, default=8, help="requests decoded together (default %(default)s)"
     )
@@ -165,13 +169,5 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument(
-        "--tower-path",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="for a Cambrian-1 folder: local weights of a tower named in its config (repeat per tower)",
-    )
+    placement_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8)
