@@ -24,6 +24,7 @@ _COMPONENT_MODULES: list[str] = [
     "cambrian_core.eval.metrics",
 ]
 
+
 def _config_dir() -> Path:
     """``configs/`` of a checkout (editable install), else the ``cambrian_configs`` data package of a wheel."""
     checkout = Path(__file__).resolve().parent.parent / "configs"

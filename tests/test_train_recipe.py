@@ -117,13 +117,23 @@ def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
     recipe.setup()
     items = [recipe.train_set[i] for i in range(4)]
     model = recipe.model.eval()
+    assert model.llm.model.config._attn_implementation == "cambrian_sdpa"  # sdpa, per segment when packed
     keys = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
-    result = []
-    for packing in (False, True):
-        batch = Collator(model.llm.tokenizer.pad_token_id, packing=packing, max_length=512)(items)
-        with torch.no_grad():
-            result.append(float(model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).loss))
-    assert result[1] == pytest.approx(result[0], rel=1e-5)
+    longest = max(int(s["length"]) for s in items)
+    total = sum(int(s["length"]) for s in items)
+    result = {}
+    # unpacked; one padding-free row; rows of at most `longest` tokens (several rows, right padding)
+    for name, packing, capacity in (("padded", False, 512), ("one row", True, total), ("rows", True, longest)):
+        batch = Collator(model.llm.tokenizer.pad_token_id, packing=packing, max_length=capacity)(items)
+        if name == "rows":
+            assert batch["input_ids"].shape[0] > 1 and (batch["attention_mask"] == 0).any()
+        for loss_only in (False, True):
+            with torch.no_grad():
+                out = model(**{k: batch[k] for k in keys if k in batch}, use_cache=False, loss_only=loss_only)
+            assert (out.logits is None) == loss_only
+            result[name, loss_only] = float(out.loss)
+    for value in result.values():
+        assert value == pytest.approx(result["padded", False], rel=1e-5)
 
 
 def test_cli_dry_run_errors_and_launchers(

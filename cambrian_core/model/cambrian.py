@@ -18,7 +18,9 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from cambrian_core.model.attention import VARLEN_ATTENTION, segment_bounds
 from cambrian_core.model.checks import STAGES, check_model_config, connector_config
 from cambrian_core.model.connector import Connector
 from cambrian_core.model.llm import LanguageModel
@@ -311,6 +313,7 @@ class CambrianModel(nn.Module):
         tower_features: Sequence[torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
+        loss_only: bool = False,
         **llm_kwargs: Any,
     ) -> Any:
         """Causal-LM forward over text with spliced images; returns transformers' ``CausalLMOutputWithPast``.
@@ -324,6 +327,8 @@ class CambrianModel(nn.Module):
             tower_features: precomputed tower outputs ``[N_img, N_t, C_t]`` instead of ``pixel_values``.
             position_ids: ``[B, L]``; a 0 starts a new packed segment.
             padding_side: side of the padding of the expanded sequences (logits follow that layout).
+            loss_only: with ``labels``, compute logits only at target positions and return the loss with
+                ``logits=None`` (what training needs; the LM head skips image, prompt and padding rows).
         """
         batch, ctx = self.prepare_inputs(
             input_ids,
@@ -339,10 +344,30 @@ class CambrianModel(nn.Module):
             llm_kwargs.setdefault("use_cache", False)  # a training forward never decodes further
         mask = batch.attention_mask
         if position_ids is not None and padding_side == "right" and not llm_kwargs.get("use_cache"):
-            # Packed rows: transformers keeps the segments apart (a 0 in position_ids starts one) only when it
-            # gets no 2-D mask. Right padding follows every real token of a causal row, so nothing real sees it.
-            mask = None
+            varlen = getattr(self.llm.model.config, "_attn_implementation", None) == VARLEN_ATTENTION
+            if varlen and batch.inputs_embeds.device.type != "xla":  # XLA wants static shapes: the mask
+                # packed rows, attention per segment: segment bounds instead of a mask (none is built)
+                bounds = segment_bounds(batch.position_ids, mask)
+                longest = int((bounds[1:] - bounds[:-1]).max())
+                llm_kwargs.update(
+                    cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
+                )
+                mask = torch.ones_like(mask)
+            else:
+                # transformers keeps the segments apart (a 0 in position_ids starts one) only when it gets no
+                # 2-D mask. Right padding follows every real token of a causal row, so nothing real sees it.
+                mask = None
         with activate(ctx):
+            if loss_only and batch.labels is not None:
+                loss = self.llm.target_loss(
+                    batch.labels,
+                    inputs_embeds=batch.inputs_embeds,
+                    attention_mask=mask,
+                    position_ids=batch.position_ids,
+                    **llm_kwargs,
+                )
+                if loss is not None:
+                    return CausalLMOutputWithPast(loss=loss)
             return self.llm(
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=mask,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cambrian_core.model.template import ChatTemplate
+from cambrian_core.model.tokenize import IGNORE_INDEX
 
 __all__ = ["LanguageModel"]
 
@@ -65,3 +67,30 @@ class LanguageModel(nn.Module):
     def forward(self, **kwargs: Any) -> Any:
         """The HF causal-LM forward (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``labels`` ...)."""
         return self.model(**kwargs)
+
+    def target_loss(self, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor | None:
+        """Next-token cross-entropy (mean over targets, as HF's loss) with logits only where a target is.
+
+        The LM head (often the largest matmul of a small LLM: ``hidden x vocab`` per token) runs on the
+        target positions alone instead of every image, prompt and padding position. ``kwargs`` go to the
+        decoder stack. Returns ``None`` when this LLM's head is not a plain projection of the last hidden
+        state (logit soft-capping, logit scaling, router losses); the caller then runs the full forward.
+        """
+        hf = self.model
+        config = getattr(hf, "config", None)
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+        if (
+            decoder is None
+            or decoder is hf
+            or not isinstance(head, nn.Linear)
+            or any(getattr(config, k, None) for k in ("final_logit_softcapping", "output_router_logits"))
+            or getattr(config, "logit_scale", None) not in (None, 1, 1.0)
+        ):
+            return None
+        out = decoder(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from cambrian_core.model.attention import VARLEN_ATTENTION
 from cambrian_core.model.llm import LanguageModel
 from cambrian_core.model.template import ChatTemplate, Message
 from cambrian_core.model.tokenize import TokenizedConversation, tokenize_conversation
@@ -98,7 +99,8 @@ class HFCausalLM(LanguageModel):
         system: system prompt (``None``: the template's default).
         cambrian1_compat: render prompts as Cambrian-1 did (for its released checkpoints).
         dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's own).
-        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` (needs flash-attn).
+        attn_implementation: ``sdpa`` (default; packed training batches attend per sample, see
+            :mod:`cambrian_core.model.attention`), ``eager`` or ``flash_attention_2`` (needs flash-attn).
         gradient_checkpointing: recompute decoder activations in backward to save memory.
         load_weights: with ``path``, load the weights (``False``: random init from the folder's config; the
             composed model then loads its own saved state dict).
@@ -157,6 +159,8 @@ class HFCausalLM(LanguageModel):
             model = AutoModelForCausalLM.from_config(
                 hf_config, dtype=torch_dtype, attn_implementation=attn_implementation
             )
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            model.set_attn_implementation(VARLEN_ATTENTION)  # sdpa that runs packed segments apart
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         spec = template if template is not None else self.default_template

@@ -58,6 +58,9 @@ class Runner:
         "position_ids",
     )
 
+    #: compute the LM head only at target positions (off where shapes must stay static, e.g. XLA)
+    TARGET_LOGITS_ONLY = True
+
     def __init__(self, device: str = "auto") -> None:
         self.requested_device = device
         self.model: nn.Module | None = None
@@ -169,7 +172,8 @@ class Runner:
         inputs = {k: batch[k] for k in self.MODEL_KEYS if batch.get(k) is not None}
         inputs = move_to(inputs, self.device)
         with self.autocast():
-            out = self.model(**inputs, use_cache=False)  # no KV cache in training (and HF packs segments)
+            # no KV cache in training (and HF packs segments); logits only where targets are
+            out = self.model(**inputs, use_cache=False, loss_only=self.TARGET_LOGITS_ONLY)
         return out.loss
 
     def backward(self, loss: torch.Tensor, last_micro: bool = True) -> None:

@@ -194,7 +194,7 @@ class DeepSpeedRunner(Runner):
             for key in ("pixel_values", "tower_features"):
                 if key in inputs:
                     inputs[key] = [x.to(dtype) for x in inputs[key]]
-        return self.engine(**inputs, use_cache=False).loss
+        return self.engine(**inputs, use_cache=False, loss_only=self.TARGET_LOGITS_ONLY).loss
 
     def backward(self, loss: torch.Tensor, last_micro: bool = True) -> None:
         # the recipe already weights each micro-batch by its share of the window's target tokens

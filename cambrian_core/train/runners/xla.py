@@ -41,6 +41,7 @@ class XLARunner(Runner):
     """Training on one XLA device (``torch_xla.device()``); ``torch_xla.sync()`` closes each update's graph."""
 
     name = "xla"
+    TARGET_LOGITS_ONLY = False  # selecting target rows gives data-dependent shapes: XLA would recompile
 
     def __init__(self) -> None:
         super().__init__(device="xla")
