@@ -13,5 +13,9 @@ builtin = ["cambrian_plugins" + p[len("plugins") :] for p in find_packages(inclu
 # in a checkout / editable install they are read from ``configs/`` directly.
 setup(
     packages=[*core, *builtin, "cambrian_configs"],
-    package_dir={"cambrian_core": "cambrian_core", "cambrian_plugins": "plugins", "cambrian_configs": "configs"},
+    package_dir={
+        "cambrian_core": "cambrian_core",
+        "cambrian_plugins": "plugins",
+        "cambrian_configs": "configs",
+    },
 )

@@ -123,7 +123,11 @@ def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
     total = sum(int(s["length"]) for s in items)
     result = {}
     # unpacked; one padding-free row; rows of at most `longest` tokens (several rows, right padding)
-    for name, packing, capacity in (("padded", False, 512), ("one row", True, total), ("rows", True, longest)):
+    for name, packing, capacity in (
+        ("padded", False, 512),
+        ("one row", True, total),
+        ("rows", True, longest),
+    ):
         batch = Collator(model.llm.tokenizer.pad_token_id, packing=packing, max_length=capacity)(items)
         if name == "rows":
             assert batch["input_ids"].shape[0] > 1 and (batch["attention_mask"] == 0).any()
