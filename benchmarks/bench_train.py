@@ -325,27 +325,69 @@ def part_llava(
 
 
 # ------------------------------------------------------------------------------------------------- (c)
+#: Cambrian-1's ViT towers at their real sizes and resolutions (random weights: speed does not need the real ones)
+CAMBRIAN1_VITS = [
+    dict(type="siglip", model_name="vit_so400m_patch14_siglip_384", token_len=576),
+    dict(
+        type="clip",
+        config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        select_layer=-2,
+        token_len=576,
+    ),
+    dict(
+        type="dinov2",
+        config=dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518, patch_size=14
+        ),
+        image_size=378,
+        token_len=576,
+    ),
+]
+
+
 def part_cache(data: Path, steps: int) -> None:
     print("\n(c) stage-1 steps/s with the frozen-feature cache vs running the towers")
-    heavy = {
-        "model.vision_tower_aux_list": [
-            dict(type="efficientnet_lite0", pretrained=True, image_size=224, token_len=256),
-            dict(type="timm", model_name="convnext_tiny", image_size=512, token_len=64, freeze=True),
-        ]
-    }
-    for label, extra in (("cambrian-tiny-med", {}), ("tower-heavy (ConvNeXt-T @512 as tower 1)", heavy)):
+    variants = (
+        ("cambrian-tiny-med", {}, None),
+        (
+            "Cambrian-1 ViT towers (SigLIP-SO400M/14@384, CLIP-L/14@336, DINOv2-L/14@378) + the demo's SVA "
+            "and SmolLM2-135M, batch 1",
+            {"model.vision_tower_aux_list": CAMBRIAN1_VITS, "data.batch_size": 1},
+            steps + 1,  # records: the towers take ~10 s per image on 2 cores, so the cache covers only these
+        ),
+    )
+    for label, extra, records in variants:
         rates: dict[str, float] = {"towers": 0.0, "cache": 0.0}
         with tempfile.TemporaryDirectory() as tmp:
+            train = data
+            if records is not None:
+                train = Path(tmp) / "records.jsonl"
+                train.write_text("".join(data.read_text().splitlines(keepends=True)[:records]))
             for rep, mode in enumerate(("towers", "cache", "towers", "cache")):  # alternated: load hits both
-                opts = {"data.train": str(data), **extra}
+                opts = {"data.train": str(train), "data.image_folder": str(data.parent), **extra}
                 if mode == "cache":
                     opts["data.feature_cache"] = str(Path(tmp) / "features")  # built by the first cache run
                 cfg = load_config(DEMO, opts)
+                if records is not None:
+                    cfg.merge_from_dict({"data.val_fraction": 0.0})
                 rows = run_recipe(cfg, steps, Path(tmp) / f"{mode}{rep}")["rows"]
                 rates[mode] = max(rates[mode], summarise(rows, "samples_s") / cfg.data.batch_size)
+        print(f"    {label}:")
         for mode, rate in rates.items():
-            print(f"    {label}: {mode:<6} {rate:6.3f} steps/s")
-        print(f"    {label}: cache speed-up {rates['cache'] / rates['towers']:.2f}x")
+            print(f"      {mode:<6} {rate:6.3f} steps/s")
+        print(f"      cache speed-up {rates['cache'] / rates['towers']:.2f}x (target >= 5x)")
+    print(
+        "    the cache removes the tower forward; what is left is the connector and the frozen LLM's forward and"
+        " input-gradient backward, so the gain is (towers + rest) / rest: large when the towers dominate (connector"
+        " ablations with a small LLM), ~1.4x at most for Cambrian-8B (its 8B LLM costs ~3x its four towers)"
+    )
 
 
 def main() -> None:
