@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from cambrian_core import CONNECTORS, build
+from cambrian_core.cpu_allocator import ENV, tune_cpu_allocator
 
 SHAPES: dict[str, dict[str, Any]] = {
     "cambrian-8b": dict(
@@ -71,10 +72,9 @@ def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
             for r2 in keys:
                 if r2 == 1:
                     executed += 4 * qn * c * c + 3 * qn * c  # k and v projections, scores, weighting
-                else:  # query into key space, scores, pos terms, window sums, value projection
-                    executed += 2 * n * c * c + 2 * qn * r2 * c * heads + 2 * n * heads * r2 * c
-                    executed += 2 * qn * r2 * c * r2 + 2 * qn * heads * r2 * c + 2 * qn * c * c
-                    executed += 2 * r2 * c * c + 2 * qn * r2 * c
+                else:  # query into key space, scores, window sums, value projection
+                    executed += 2 * n * c * c + 2 * qn * r2 * c * heads
+                    executed += 2 * qn * heads * r2 * c + 2 * qn * c * c
             executed += 6 * qn * c * c  # o_proj, MLP
             reference += 2 * qn * c * c + 4 * qn * c * c + 2 * qn * c * c  # proj_context, proj_in, q_proj
             reference += sum(4 * qn * r2 * c * c for r2 in keys) + 4 * qn * sum(keys) * c
@@ -192,12 +192,23 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed repeats after one warm-up (min is reported)"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["tuned", "system"],
+        default="tuned",
+        help="tuned (default, what the cambrian commands use): glibc keeps freed memory in the heap, so large "
+        "tensors are not page-faulted in on every allocation; system: glibc's defaults",
+    )
     args = parser.parse_args()
+    if args.allocator == "system":
+        os.environ[ENV] = "system"
+    tuned = tune_cpu_allocator()
     shape = "quick" if args.quick else "cambrian-8b"
     flops = sva_flops(SHAPES[shape])
     print(
         f"SVA benchmark, shape {shape}: {SHAPES[shape]}\n"
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"allocator {'tuned (heap-only glibc malloc)' if tuned else 'system defaults'}\n"
         f"analytic forward FLOPs: executed {flops['executed'] / 1e9:.1f} G; the reference algorithm as written "
         f"needs {flops['reference'] / 1e9:.1f} G ({flops['reference'] / flops['executed']:.2f}x)"
     )

@@ -52,8 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from cambrian_core.cpu_allocator import tune_cpu_allocator
     from cambrian_core.plugins import PluginError
 
+    tune_cpu_allocator()  # large CPU tensors without a page fault per allocation (CAMBRIAN_CPU_ALLOCATOR)
     try:
         parser = build_parser(strict=strict)
     except PluginError as exc:
