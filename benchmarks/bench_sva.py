@@ -5,8 +5,13 @@ Times the SVA forward and forward+backward (batch 1, C=1024, towers 1152/1024/15
 and in bf16 autocast; reports ms, achieved GFLOP/s from an analytic FLOP count and the ratio to the
 GFLOP/s of a plain ``torch.mm`` of two 4096x4096 matrices in the same dtype.
 
-Backward is timed twice: with the tower features frozen (stage 1: towers frozen, connector trained) and
-with the features requiring grad (what a trainable tower would need).
+Backward is timed twice: with the tower features frozen (stage 1: towers frozen, connector trained; the
+row the fwd+bwd targets apply to) and with the features requiring grad (what a trainable tower would need,
+shown for information: the gradient of the 9216x5760 tower projection alone makes its FLOPs 3.0x the
+forward's).
+
+The cambrian commands keep freed memory in the process heap (``cambrian_core.cpu_allocator``), so large
+tensors are not page-faulted in on every allocation; ``--allocator system`` measures glibc's defaults.
 
 Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N]
 """
@@ -169,11 +174,15 @@ def run(shape: str, dtype_name: str, repeats: int) -> dict[str, Any]:
             f"counting the reference algorithm's {flops['reference'] / 1e9:.1f} GFLOP it would be "
             f"{flops['reference'] / t_fwd / 1e9 / pk:.1%}"
         ]
-        for g in (False, True):
-            ratio = getattr(steps[g], clock) / t_fwd
-            verdicts.append(
-                f"{labels[g]} {ratio:.2f}x (target <= {ratio_target}x: {_met(ratio <= ratio_target)})"
-            )
+        ratio = getattr(steps[False], clock) / t_fwd
+        verdicts.append(
+            f"{labels[False]} {ratio:.2f}x (target <= {ratio_target}x: {_met(ratio <= ratio_target)})"
+        )
+        ratio = getattr(steps[True], clock) / t_fwd
+        verdicts.append(
+            f"{labels[True]} {ratio:.2f}x (no target: its FLOPs alone are {ideal[True]:.2f}x the forward's, so it "
+            f"can only reach {ratio_target}x with a backward faster per FLOP than the forward)"
+        )
         print("    " + "\n    ".join(verdicts))
         result[clock] = {"efficiency": eff, "ratio_frozen": getattr(steps[False], clock) / t_fwd}
     return result

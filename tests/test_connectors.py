@@ -479,3 +479,20 @@ def test_config_validation_reports_connector_problems():
     assert [p.key for p in problems] == ["model.connector"]
     assert "window side 6/4 is not an integer" in problems[0].message
     assert check_component("connectors", dict(bad, in_token_lens=[16, 64]), "model.connector") == []
+
+
+def test_sva_row_statistics_match_var_mean_and_their_gradient_checks() -> None:
+    from cambrian_plugins.connectors._sva_layers import _row_stats
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_row_stats, (x,))
+    y = (torch.randn(4, 6, 64) * 3 + 1).requires_grad_(True)
+    var, mean = _row_stats(y)
+    ref_var, ref_mean = torch.var_mean(y, dim=-1, unbiased=False)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, ref_mean)
+    g_var, g_mean = torch.randn_like(var), torch.randn_like(mean)
+    (ours,) = torch.autograd.grad((var * g_var).sum() + (mean * g_mean).sum(), y)
+    (theirs,) = torch.autograd.grad((ref_var * g_var).sum() + (ref_mean * g_mean).sum(), y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert _row_stats(y.detach().bfloat16())[0].dtype == torch.float32  # bf16 rows: fp32 statistics

@@ -597,3 +597,63 @@ def test_mm_projector_type_shortcut_follows_cambrian_grammar():
     assert connector_config({"mm_projector_type": "mlp4x_gelu"}) == {"type": "mlp_gelu", "depth": 4}
     assert connector_config({"mm_projector_type": "mlp2x_gelu"}) == {"type": "mlp2x_gelu"}
     assert connector_config({"mm_projector_type": "sva"}) == {"type": "sva"}
+
+
+# ------------------------------------------------------------------------------------------------ fast paths
+def test_few_image_extents_equal_the_vectorised_ones():
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 400, (40, 2), generator=g)  # > 8 images: the vectorised path
+    for side in (4, 5, 24):
+        every = real_extents(sizes, side)
+        one_by_one = torch.cat([real_extents(sizes[i : i + 1], side) for i in range(len(sizes))])
+        assert torch.equal(every, one_by_one)
+    with pytest.raises(ValueError, match="must be positive"):
+        real_extents(torch.tensor([[0, 5]]), 4)
+
+
+def test_sliced_image_blocks_equal_the_vectorised_ones(monkeypatch):
+    import cambrian_core.model.splice as S
+
+    g = torch.Generator().manual_seed(4)
+    tokens, newline = torch.randn(3, 16, 8, generator=g), torch.randn(8, generator=g)
+    extents = real_extents(SIZES, 4)
+    fast = S.build_image_blocks(tokens, newline, extents)
+    monkeypatch.setattr(S, "_FEW", 0)
+    slow = S.build_image_blocks(tokens, newline, extents)
+    assert torch.equal(fast.embeds, slow.embeds) and torch.equal(fast.cells, slow.cells)
+    assert fast.lengths.tolist() == slow.lengths.tolist() == BLOCKS
+    assert S.build_image_blocks(tokens, newline, extents, with_cells=False).cells is None
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_one_sequence_splice_equals_the_batched_one(text):
+    from cambrian_core.model.splice import build_image_blocks, splice
+
+    model = make()
+    ids, _ = batch(model.tokenizer, [text])
+    n = int((ids == IMAGE_TOKEN_INDEX).sum())
+    g = torch.Generator().manual_seed(5)
+    embeds = torch.randn(1, ids.shape[1], 8, generator=g)
+    blocks = None
+    if n:
+        tokens = torch.randn(n, 16, 8, generator=g)
+        blocks = build_image_blocks(tokens, torch.zeros(8), real_extents(SIZES[:n], 4))
+    one = splice(ids, embeds, None, blocks=blocks, padding_side="left")
+    # the same sequence twice takes the general, vectorised path
+    two = splice(ids.repeat(2, 1), embeds.repeat(2, 1, 1), None, blocks=_twice(blocks), padding_side="left")
+    assert torch.equal(one.inputs_embeds[0], two.inputs_embeds[0])
+    assert torch.equal(one.position_ids[0], two.position_ids[0])
+    assert torch.equal(one.attention_mask[0], two.attention_mask[0])
+    first = two.image_batch == 0
+    assert torch.equal(one.image_pos, two.image_pos[first]) and not one.image_batch.any()
+    with pytest.raises(ValueError, match=r"has \d+ <image> sentinels .* but 5 images"):
+        tokens = torch.randn(5, 16, 8)
+        splice(ids, embeds, None, blocks=build_image_blocks(tokens, torch.zeros(8), real_extents(None, 4, 5)))
+
+
+def _twice(blocks):
+    from cambrian_core.model.splice import ImageBlocks
+
+    if blocks is None:
+        return None
+    return ImageBlocks(blocks.embeds.repeat(2, 1), blocks.lengths.repeat(2), blocks.cells.repeat(2))

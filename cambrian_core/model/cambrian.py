@@ -271,7 +271,7 @@ class CambrianModel(nn.Module):
         if image_sizes is not None and len(image_sizes) != n:
             raise ValueError(f"image_sizes has {len(image_sizes)} rows but the batch has {n} images")
         masks = None
-        if image_sizes is not None:
+        if image_sizes is not None and self.connector.uses_masks:
             masks = []
             for tower in self.towers:
                 ext = real_extents(image_sizes, tower.grid).to(text.device)
@@ -279,12 +279,13 @@ class CambrianModel(nn.Module):
         cdtype = _dtype_of(self.connector, text.dtype)
         out = self.connector([f.to(device=text.device, dtype=cdtype) for f in feats], masks)
         f = self.grid
+        samplers = bool(self.connector.sampler_layers)
         extents = real_extents(image_sizes, f, n).to(text.device)
         kept = extents if self.unpad else real_extents(None, f, n).to(text.device)
-        blocks = build_image_blocks(out.tokens.to(text.dtype), self.image_newline, kept)
+        blocks = build_image_blocks(out.tokens.to(text.dtype), self.image_newline, kept, with_cells=samplers)
         batch = splice(input_ids, text, attention_mask, labels, position_ids, blocks, padding_side)
         ctx = None
-        if self.connector.sampler_layers:
+        if samplers:
             layers = self.llm.decoder_layers
             grid_cell = blocks.cells >= 0
             ctx = SamplerContext(

@@ -51,6 +51,8 @@ class Connector(nn.Module, abc.ABC):
 
     #: decoder-layer indices after which in-LLM sampler ``k`` runs (``k`` = position in this tuple)
     sampler_layers: tuple[int, ...] = ()
+    #: whether ``forward`` reads the padding ``masks`` (``False``: the model does not build them)
+    uses_masks: bool = True
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

@@ -28,6 +28,15 @@ def real_extents(image_sizes: torch.Tensor | None, side: int, n: int | None = No
             raise ValueError("real_extents needs `n` when image_sizes is None")
         return torch.tensor([[0, side, 0, side]], dtype=torch.long).repeat(n, 1)
     sizes = torch.as_tensor(image_sizes, dtype=torch.long).reshape(-1, 2).cpu()
+    if sizes.shape[0] <= _FEW:  # a few images (serving): integer arithmetic beats ~20 tiny tensor ops
+        pairs = sizes.tolist()
+        if any(v <= 0 for pair in pairs for v in pair):
+            raise ValueError(f"image_sizes must be positive (width, height) pairs, got {pairs}")
+        rows = []
+        for width, height in pairs:
+            square = max(width, height)
+            rows.append([*_span(height, square, side), *_span(width, square, side)])
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
     if (sizes <= 0).any():
         raise ValueError(f"image_sizes must be positive (width, height) pairs, got {sizes.tolist()}")
     w, h = sizes[:, 0], sizes[:, 1]
@@ -42,6 +51,16 @@ def real_extents(image_sizes: torch.Tensor | None, side: int, n: int | None = No
     r0, r1 = span(h)
     c0, c1 = span(w)
     return torch.stack([r0, r1, c0, c1], dim=1)
+
+
+#: up to this many images, extents are computed with Python integers
+_FEW = 8
+
+
+def _span(length: int, square: int, side: int) -> tuple[int, int]:
+    """First and end cell (exclusive) of a ``length`` pasted centred on ``square``, on ``side`` cells."""
+    pad = (square - length) // 2
+    return (pad * side) // square, -((-(pad + length) * side) // square)
 
 
 def grid_masks(extents: torch.Tensor, side: int) -> torch.Tensor:

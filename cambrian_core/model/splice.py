@@ -24,7 +24,8 @@ class ImageBlocks:
 
     embeds: torch.Tensor  #: [T, H] every block token
     lengths: torch.Tensor  #: [N_img] tokens per block (long, on the embeds' device)
-    cells: torch.Tensor  #: [T] index into the flattened ``[N_img * f * f]`` grid; -1 marks a newline token
+    #: [T] index into the flattened ``[N_img * f * f]`` grid; -1 marks a newline token (``None``: not asked for)
+    cells: torch.Tensor | None
 
 
 @dataclass
@@ -48,16 +49,25 @@ def _ranges(lengths: torch.Tensor) -> torch.Tensor:
     )
 
 
-def build_image_blocks(tokens: torch.Tensor, newline: torch.Tensor, extents: torch.Tensor) -> ImageBlocks:
+#: up to this many images, blocks are cut by slicing each image's grid (fewer, larger tensor ops)
+_FEW = 8
+
+
+def build_image_blocks(
+    tokens: torch.Tensor, newline: torch.Tensor, extents: torch.Tensor, with_cells: bool = True
+) -> ImageBlocks:
     """Cut each image's real rectangle out of its grid and end every row with ``newline``.
 
     Args:
         tokens: ``[N, f*f, H]`` connector output (row-major grid).
         newline: ``[H]`` learned row terminator.
         extents: ``[N, 4]`` ``(row0, row1, col0, col1)`` kept on the ``f x f`` grid (see ``masks.real_extents``).
+        with_cells: also return each token's grid cell (the in-LLM samplers need it).
     """
     n, cells, hidden = tokens.shape
     side = round(cells**0.5)
+    if n <= _FEW:
+        return _blocks_by_slicing(tokens, newline, extents, side, with_cells)
     ext = extents.to(tokens.device)
     rows, cols = ext[:, 1] - ext[:, 0], ext[:, 3] - ext[:, 2]
     lengths = rows * (cols + 1)
@@ -71,7 +81,81 @@ def build_image_blocks(tokens: torch.Tensor, newline: torch.Tensor, extents: tor
     flat = tokens.reshape(n * cells, hidden)
     picked = flat[cell.clamp(min=0)]
     embeds = torch.where(is_newline[:, None], newline.to(flat.dtype).expand_as(picked), picked)
-    return ImageBlocks(embeds=embeds, lengths=lengths, cells=cell)
+    return ImageBlocks(embeds=embeds, lengths=lengths, cells=cell if with_cells else None)
+
+
+def _blocks_by_slicing(
+    tokens: torch.Tensor, newline: torch.Tensor, extents: torch.Tensor, side: int, with_cells: bool
+) -> ImageBlocks:
+    """``build_image_blocks`` for a few images: one slice and one concatenation per image."""
+    n, cells, hidden = tokens.shape
+    grid = tokens.view(n, side, side, hidden)
+    line = newline.to(tokens.dtype)
+    device = tokens.device
+    pieces, lengths, cell_parts = [], [], []
+    for i, (r0, r1, c0, c1) in enumerate(extents.tolist()):
+        rows = r1 - r0
+        pieces.append(
+            torch.cat([grid[i, r0:r1, c0:c1], line.expand(rows, 1, hidden)], dim=1).reshape(-1, hidden)
+        )
+        lengths.append(rows * (c1 - c0 + 1))
+        if with_cells:
+            cell = torch.arange(r0, r1, device=device)[:, None] * side + torch.arange(
+                c0, c1 + 1, device=device
+            )
+            cell = cell + i * cells
+            cell[:, -1] = -1
+            cell_parts.append(cell.reshape(-1))
+    embeds = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return ImageBlocks(
+        embeds=embeds,
+        lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+        cells=(torch.cat(cell_parts) if cell_parts else None) if with_cells else None,
+    )
+
+
+def _sentinel_error(n_sentinels: int, per_sample: list[int], n_images: int) -> ValueError:
+    return ValueError(
+        f"the batch has {n_sentinels} <image> sentinels (per sample: {per_sample}) but {n_images} images; "
+        "pass one image per IMAGE_TOKEN_INDEX, in sample order"
+    )
+
+
+def _splice_one_sequence(
+    input_ids: torch.Tensor, text_embeds: torch.Tensor, blocks: ImageBlocks | None
+) -> SplicedBatch:
+    """``splice`` for one unpadded sequence without labels or given positions (a single inference request)."""
+    device = input_ids.device
+    ids = input_ids[0].tolist()
+    sentinels = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    n_images = 0 if blocks is None else blocks.lengths.numel()
+    if len(sentinels) != n_images:
+        raise _sentinel_error(len(sentinels), [len(sentinels)], n_images)
+    no_images = torch.zeros(0, dtype=torch.long, device=device)
+    if not n_images:
+        embeds, image_pos = text_embeds, no_images
+    else:
+        lengths = blocks.lengths.tolist()
+        pieces, positions = [], []
+        prev = cursor = offset = 0
+        for j, length in zip(sentinels, lengths, strict=True):
+            pieces.append(text_embeds[0, prev:j])
+            cursor += j - prev
+            pieces.append(blocks.embeds[offset : offset + length].to(text_embeds.dtype))
+            positions.append(torch.arange(cursor, cursor + length, device=device))
+            cursor, offset, prev = cursor + length, offset + length, j + 1
+        pieces.append(text_embeds[0, prev:])
+        embeds = torch.cat(pieces)[None]
+        image_pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+    length = embeds.shape[1]
+    return SplicedBatch(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+        position_ids=torch.arange(length, device=device)[None],
+        labels=None,
+        image_batch=torch.zeros_like(image_pos),
+        image_pos=image_pos,
+    )
 
 
 def splice(
@@ -100,6 +184,13 @@ def splice(
     """
     bsz, length = input_ids.shape
     device = input_ids.device
+    if (
+        bsz == 1
+        and labels is None
+        and position_ids is None
+        and (attention_mask is None or attention_mask.all())
+    ):
+        return _splice_one_sequence(input_ids, text_embeds, blocks)
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     sentinel = input_ids == IMAGE_TOKEN_INDEX
     if (sentinel & ~valid).any():
@@ -109,11 +200,7 @@ def splice(
     n_images = 0 if blocks is None else blocks.lengths.numel()
     n_sentinels = int(sentinel.sum())
     if n_sentinels != n_images:
-        per_sample = sentinel.sum(1).tolist()
-        raise ValueError(
-            f"the batch has {n_sentinels} <image> sentinels (per sample: {per_sample}) but {n_images} images; "
-            "pass one image per IMAGE_TOKEN_INDEX, in sample order"
-        )
+        raise _sentinel_error(n_sentinels, sentinel.sum(1).tolist(), n_images)
     tok_len = valid.long()
     if n_images:
         tok_len = tok_len.masked_scatter(sentinel, blocks.lengths.to(device))

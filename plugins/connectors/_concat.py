@@ -20,6 +20,8 @@ class ConcatConnector(Connector):
     Padding masks are accepted and ignored (the LLM-side attention mask handles padding).
     """
 
+    uses_masks = False  # the LLM-side attention mask handles padding
+
     #: registered name, used in error messages
     type_name: ClassVar[str] = "projector"
     #: dims for the registry tests: every tower must already be at ``token_len`` tokens

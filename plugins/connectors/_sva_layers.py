@@ -70,6 +70,33 @@ def make_windows(
     return TowerWindows(side, wins, mask)
 
 
+class _RowStats(torch.autograd.Function):
+    """(var, mean) over the last dim in fp32, with a one-pass backward (``a * x + b`` per row)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 / fp16 / fp32, fp64 stays
+        mean = x.mean(dim=-1, dtype=acc)
+        square = torch.linalg.vector_norm(x, dim=-1, dtype=acc).square() / x.shape[-1]
+        ctx.save_for_backward(x, mean)
+        return (square - mean.square()).clamp(min=0.0), mean
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g_var: torch.Tensor | None, g_mean: torch.Tensor | None
+    ) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
+        c = x.shape[-1]
+        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        # d var / dx = 2 (x - mean) / C, d mean / dx = 1 / C
+        scale = (2.0 / c) * g_var
+        shift = (g_mean - 2.0 * g_var * mean) / c
+        return torch.addcmul(shift.unsqueeze(-1).to(x.dtype), x, scale.unsqueeze(-1).to(x.dtype))
+
+
 def _row_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(var, mean) over channels of each window row, in fp32 (reductions accumulate in fp32 for bf16).
 
@@ -77,9 +104,7 @@ def _row_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``var_mean``'s Welford kernel is ~25x slower on these shapes. The rows are LayerNorm outputs (unit scale,
     small mean), so the difference loses nothing in fp32.
     """
-    mean = w.mean(dim=-1, dtype=torch.float32)
-    square = torch.linalg.vector_norm(w, dim=-1, dtype=torch.float32).square() / w.shape[-1]
-    return (square - mean.square()).clamp(min=0.0), mean
+    return _RowStats.apply(w)
 
 
 def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
