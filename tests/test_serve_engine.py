@@ -245,3 +245,79 @@ def test_image_refusals_name_the_image_and_the_limit(tmp_path):
     image(8, 8).save(buf, format="JPEG")
     b64 = base64.b64encode(buf.getvalue()).decode()
     assert b64.startswith("/9j/") and image_from_url(b64).size == (8, 8)  # a JPEG's base64 is not a path
+
+
+# ------------------------------------------------------------------------------------------ continuous batching
+def test_a_request_joins_a_running_decode_and_both_equal_solo_runs(model, engine):
+    """B arrives while A decodes; it joins A's batch (finishing long before A) and both answers equal what
+    each gets alone, although their caches were padded, merged, selected and trimmed on the way."""
+    solo = InferenceEngine(model, name="solo", max_batch_size=1, continuous=False)  # plain generate()
+    try:
+        long_q, short_q = ("Describe the findings.", [image(48, 30, seed=5)]), ("left or right?", [])
+        alone = [
+            solo.generate(q, imgs, max_new_tokens=n, min_tokens=n).text
+            for (q, imgs), n in ((long_q, 300), (short_q, 6))
+        ]
+    finally:
+        solo.shutdown()
+    a = engine.submit_chat(long_q[0], long_q[1], SamplingParams(max_new_tokens=300, min_tokens=300))
+    stream = iter(a)
+    first = next(stream)  # A is decoding
+    b = engine.submit_chat(short_q[0], short_q[1], SamplingParams(max_new_tokens=6, min_tokens=6))
+    b_result = b.wait(60)
+    assert not a._req.done, "B had to wait for A's whole answer: it did not join the running batch"
+    rest = "".join(stream)
+    assert first + rest == a.result.text == alone[0]
+    assert b_result.text == alone[1] and b_result.completion_tokens == 6
+
+
+def test_sampling_helper_bans_greedy_and_nucleus():
+    import torch
+
+    from cambrian_core.serve.batching import sample_tokens
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
+    assert sample_tokens(logits, [0, 0, 0], [1, 1, 1], [[], [1], []]) == [1, 3, 0]
+    # a tiny nucleus keeps only the most likely token, whatever the temperature
+    assert sample_tokens(logits, [1.5, 1.5, 1.5], [1e-6] * 3, [[], [], []]) == [1, 1, 0]
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    draws = [sample_tokens(logits, [1.0] * 3, [1.0] * 3, [[], [], []], g) for g in (g1, g2)]
+    assert draws[0] == draws[1]
+
+
+def test_decode_batch_merges_pads_and_trims():
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from cambrian_core.serve.batching import DecodeBatch, mergeable
+
+    def cache(b, length, fill):
+        c = DynamicCache()
+        c.update(torch.full((b, 2, length, 4), fill), torch.full((b, 2, length, 4), -fill), 0)
+        return c
+
+    batch = DecodeBatch()
+    assert not mergeable(DynamicCache())
+    batch.add(["a"], cache(1, 5, 1.0), torch.ones(1, 5, dtype=torch.long), torch.tensor([5]))
+    batch.add(["b", "c"], cache(2, 3, 2.0), torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([2, 3]))
+    layer = batch.cache.layers[0]
+    assert batch.rows == ["a", "b", "c"] and layer.keys.shape == (3, 2, 5, 4)
+    assert batch.mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    assert layer.keys[1, :, :2].abs().sum() == 0 and layer.values[2, 0, 2, 0] == -2.0
+    batch.keep([1, 2])  # "a" leaves: two columns are padding for every row left
+    assert batch.mask.tolist() == [[0, 1, 1], [1, 1, 1]] and layer.keys.shape == (2, 2, 3, 4)
+    assert batch.positions.tolist() == [2, 3]
+    tokens, mask, positions = batch.step_inputs(torch.tensor([7, 8]))
+    assert mask.shape == (2, 4) and positions.tolist() == [2, 3] and batch.positions.tolist() == [3, 4]
+    batch.keep([])
+    assert len(batch) == 0 and batch.cache is None
+
+
+def test_the_per_batch_fallback_still_serves(model):
+    eng = InferenceEngine(model, name="fallback", max_batch_size=4, continuous=False)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            out = list(pool.map(lambda q: eng.generate(q, max_new_tokens=5, min_tokens=5), QUESTIONS[:3]))
+        assert all(r.completion_tokens == 5 for r in out)
+    finally:
+        eng.shutdown()

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from PIL import Image
@@ -32,9 +32,18 @@ from cambrian_core.model.template import IMAGE_TOKEN, Message
 from cambrian_core.model.tokenize import to_messages, tokenize_conversation
 from cambrian_core.registry import CONNECTORS, ENCODERS, LLMS, build
 
-__all__ = ["CambrianModel", "register"]
+__all__ = ["CambrianModel", "Prefill", "register"]
 
 log = logging.getLogger(__name__)
+
+
+class Prefill(NamedTuple):
+    """What :meth:`CambrianModel.prefill` hands to a decoding loop."""
+
+    logits: torch.Tensor  #: ``[B, V]`` fp32 logits of the next token
+    cache: Any  #: the LLM's KV cache (transformers ``Cache``) over the spliced, left-padded prompts
+    attention_mask: torch.Tensor  #: ``[B, L']`` (0 = left padding)
+    positions: torch.Tensor  #: ``[B]`` position of each row's next token (its real prompt length)
 
 
 def _plain(value: Any) -> Any:
@@ -432,6 +441,47 @@ class CambrianModel(nn.Module):
                 streamer=streamer,
                 **kwargs,
             )
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: Sequence[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> Prefill:
+        """The prompt pass of step-wise decoding (a serving engine's own loop): images spliced, left-padded,
+        through the LLM with a KV cache; the in-LLM samplers act here, as in ``generate``. Logits are computed
+        for the last position only."""
+        batch, ctx = self.prepare_inputs(
+            input_ids, attention_mask, None, pixel_values, image_sizes, None, None, "left"
+        )
+        with activate(ctx):
+            out = self.llm.model(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        mask = batch.attention_mask
+        return Prefill(out.logits[:, -1].float(), cache, mask, mask.sum(1))
+
+    @torch.no_grad()
+    def decode_step(
+        self, tokens: torch.Tensor, cache: Any, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoding step: ``tokens`` ``[B]`` at ``positions`` ``[B]`` against ``cache`` (updated in place);
+        ``attention_mask`` ``[B, cached + 1]`` covers the cache and the new token. Returns logits ``[B, V]``."""
+        out = self.llm.model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=positions[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
 
     def chat(
         self,

@@ -3,9 +3,10 @@
 Every front end (CLI, LLaVA worker, OpenAI API, demo) submits requests here. A request object carries all of
 its own state (token ids, images, sampling settings, the text generated so far, its output channel); the model
 is only ever called from the engine's thread, and keeps nothing between calls, so concurrent clients cannot see
-each other's images or text (reference §G.4). Requests whose sampling settings agree are decoded together in
-one left-padded batch; each one stops on its own (end token, stop string, token budget, cancellation) and the
-batch ends as soon as all of them have.
+each other's images or text (reference §G.4). Requests decode together with continuous batching
+(``batching``): a new request is prefilled and joins the running rows at the next step, whatever its sampling
+settings; each row stops on its own (end token, stop string, token budget, cancellation) and leaves. Models
+whose KV cache cannot be merged fall back to one ``generate`` call per batch of requests with equal settings.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cambrian_core.model.tokenize import (
     tokenize_conversation,
     tokenizer_adds_bos,
 )
+from cambrian_core.serve.batching import DecodeBatch, mergeable, sample_tokens
 from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.request import (
     Channel,
@@ -69,40 +71,27 @@ class _Router:
             return
         now = time.perf_counter()
         for row, token in enumerate(value.tolist()):
-            req = self.requests[row]
-            if req.done:
-                continue
-            if req.cancelled.is_set():
-                req.finish(req.sent, "cancelled")
-                continue
-            if req.first_token is None:
-                req.first_token = now
-            req.tokens.append(token)
-            if token in self.engine.stop_token_ids:
-                req.finish(self.engine.flush(req), "stop")
-                continue
-            self.engine.detokenize(req)
-            self._emit(req, self.stops[row])
-            if not req.done and len(req.tokens) >= req.max_new_tokens:
-                req.finish(self.engine.flush(req), "length")
+            self.engine.accept(self.requests[row], token, self.stops[row], now)
         if all(r.done for r in self.requests):
             raise _BatchDone
 
-    def _emit(self, req: Request, stops: Sequence[str]) -> None:
-        text = req.text
-        if stops:
-            hits = [i for i in (text.find(s, max(0, len(req.sent) - len(s))) for s in stops) if i >= 0]
-            if hits:
-                req.finish(text[: min(hits)], "stop")
-                return
-            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        if len(text) > len(req.sent):
-            req.channel.put(("delta", text[len(req.sent) :]))
-            req.sent = text
-
     def end(self) -> None:
         pass
+
+
+def _emit(req: Request, stops: Sequence[str]) -> None:
+    """Stream the new part of ``req.text``, holding back what may be the start of a stop string."""
+    text = req.text
+    if stops:
+        hits = [i for i in (text.find(s, max(0, len(req.sent) - len(s))) for s in stops) if i >= 0]
+        if hits:
+            req.finish(text[: min(hits)], "stop")
+            return
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[: len(text) - hold]
+    if len(text) > len(req.sent):
+        req.channel.put(("delta", text[len(req.sent) :]))
+        req.sent = text
 
 
 def add_image_markers(text: str, num_images: int) -> str:
@@ -118,9 +107,11 @@ class InferenceEngine:
     Args:
         model: a composed model (``prepare_images``, ``generate``, ``llm.tokenizer``, ``llm.template``).
         name: the model name clients use.
-        max_batch_size: most requests decoded together.
+        max_batch_size: most requests decoded together (rows join a running decode between steps).
         max_queue: most requests waiting; more are refused with HTTP 503.
-        batch_wait: seconds the worker waits for more requests before starting a batch that is not full.
+        batch_wait: seconds an idle worker waits for more requests before starting a batch that is not full.
+        continuous: continuous batching (default); ``False`` runs one ``generate`` call per batch of requests
+            with equal sampling settings, each batch to its end.
         image_limits: see :class:`~cambrian_core.serve.images.ImageLimits` (count checked at submission).
     """
 
@@ -132,6 +123,7 @@ class InferenceEngine:
         max_queue: int = 256,
         batch_wait: float = 0.002,
         max_images: int = 8,
+        continuous: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -161,6 +153,9 @@ class InferenceEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        #: rows join and leave the running decode between steps (see ``batching``); turned off for models
+        #: whose KV cache cannot be merged, which then get one ``generate`` call per batch
+        self._continuous = continuous and hasattr(model, "prefill") and hasattr(model, "decode_step")
         self.start()
 
     # ------------------------------------------------------------------ tokens
@@ -188,6 +183,25 @@ class InferenceEngine:
     def text_stops(self, params: SamplingParams) -> tuple[str, ...]:
         """The stop strings matched on decoded text for a request (template's + its own)."""
         return tuple(dict.fromkeys(self._template_text_stops + tuple(params.stop)))
+
+    def accept(self, req: Request, token: int, stops: Sequence[str], now: float | None = None) -> None:
+        """Take ``token`` as ``req``'s next one: end it on an end token, a stop string, its budget or its
+        cancellation; otherwise stream the new text."""
+        if req.done:
+            return
+        if req.cancelled.is_set():
+            req.finish(req.sent, "cancelled")
+            return
+        if req.first_token is None:
+            req.first_token = time.perf_counter() if now is None else now
+        req.tokens.append(token)
+        if token in self.stop_token_ids:
+            req.finish(self.flush(req), "stop")
+            return
+        self.detokenize(req)
+        _emit(req, stops)
+        if not req.done and len(req.tokens) >= req.max_new_tokens:
+            req.finish(self.flush(req), "length")
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` (special tokens dropped), as ``tokenizer.decode`` gives it."""
@@ -360,39 +374,117 @@ class InferenceEngine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _next_batch(self) -> list[Request]:
+    def _take(self, active: int) -> list[Request]:
+        """Queued requests that fit next to ``active`` running rows; waits for one when nothing runs."""
         with self._cond:
-            while not self._pending and not self._stop.is_set():
-                self._cond.wait(0.5)
-            if self._stop.is_set():
-                return []
-            if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size and self.batch_wait > 0:
-                self._cond.wait(self.batch_wait)
-            first = self._pending.popleft()
-            batch, key, keep = [first], first.params.batch_key(), collections.deque()
-            while self._pending and len(batch) < self.max_batch_size:
-                req = self._pending.popleft()
-                (batch if req.params.batch_key() == key else keep).append(req)
-            keep.extend(self._pending)
-            self._pending = keep
-            self._running = len(batch)
-            return batch
+            if not active:
+                while not self._pending and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return []
+                if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size and self.batch_wait > 0:
+                    self._cond.wait(self.batch_wait)
+            take: list[Request] = []
+            if self._continuous:
+                while self._pending and active + len(take) < self.max_batch_size and not self._stop.is_set():
+                    take.append(self._pending.popleft())
+            elif self._pending and not self._stop.is_set():  # one generate() per batch of equal settings
+                first = self._pending.popleft()
+                take, key, keep = [first], first.params.batch_key(), collections.deque()
+                while self._pending and len(take) < self.max_batch_size:
+                    req = self._pending.popleft()
+                    (take if req.params.batch_key() == key else keep).append(req)
+                keep.extend(self._pending)
+                self._pending = keep
+            self._running = active + len(take)
+            return take
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            batch = self._next_batch()
+        batch = DecodeBatch()
+        while not (self._stop.is_set() and not batch):
+            new = self._take(len(batch))
+            live = []
+            for req in new:
+                if req.cancelled.is_set():
+                    req.finish("", "cancelled")
+                else:
+                    live.append(req)
             try:
-                live = []
-                for req in batch:
-                    if req.cancelled.is_set():
-                        req.finish("", "cancelled")
-                    else:
-                        live.append(req)
-                if live:
-                    self._run_batch(live)
+                with torch.inference_mode():
+                    if live and not self._continuous:
+                        self._run_batch(live)
+                    elif live:
+                        self._admit(batch, live)
+                    if batch:
+                        self._step(batch)
             finally:
                 with self._cond:
-                    self._running = 0
+                    self._running = len(batch)
+
+    def _prompts(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        """Left-padded ids and mask, pixels and sizes of ``reqs`` on the model's device."""
+        device = self._device()
+        images = [im for r in reqs for im in r.images]
+        pixels, sizes = self.model.prepare_images(images) if images else (None, None)
+        if pixels is not None:
+            pixels = [p.to(device) for p in pixels]
+            sizes = sizes.to(device) if sizes is not None else None
+        width = max(len(r.input_ids) for r in reqs)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):  # left padding
+            ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
+            mask[i, width - len(r.input_ids) :] = 1
+        return ids.to(device), mask.to(device), pixels, sizes
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        stops = sorted(self.stop_token_ids)
+        return sample_tokens(
+            logits,
+            [float(r.params.temperature) if r.params.do_sample else 0.0 for r in reqs],
+            [float(r.params.top_p) for r in reqs],
+            [stops if len(r.tokens) < min(r.params.min_tokens, r.max_new_tokens) else () for r in reqs],
+        )
+
+    def _admit(self, batch: DecodeBatch, reqs: list[Request]) -> None:
+        """Prefill ``reqs``, take their first tokens and merge them into the running ``batch``."""
+        try:
+            ids, mask, pixels, sizes = self._prompts(reqs)
+            pre = self.model.prefill(ids, mask, pixel_values=pixels, image_sizes=sizes)
+        except Exception as exc:
+            log.exception("prefill failed for %d request(s)", len(reqs))
+            for r in reqs:
+                r.fail(exc)
+            return
+        if not mergeable(pre.cache):  # e.g. sliding-window layers: one generate() per batch from now on
+            log.info("the model's KV cache cannot be merged across requests; batching per generate() call")
+            self._continuous = False
+            self._run_batch(reqs)
+            return
+        now = time.perf_counter()
+        for req, token in zip(reqs, self._sample(pre.logits, reqs), strict=True):
+            self.accept(req, token, self.text_stops(req.params), now)
+        batch.add(reqs, pre.cache, pre.attention_mask, pre.positions)
+        batch.keep([i for i, r in enumerate(batch.rows) if not r.done])
+
+    def _step(self, batch: DecodeBatch) -> None:
+        """One decoding step for every running row."""
+        reqs = batch.rows
+        try:
+            last = torch.tensor([r.tokens[-1] for r in reqs], dtype=torch.long, device=batch.mask.device)
+            tokens, mask, positions = batch.step_inputs(last)
+            logits = self.model.decode_step(tokens, batch.cache, mask, positions)
+        except Exception as exc:
+            log.exception("decoding failed for %d request(s)", len(reqs))
+            for r in reqs:
+                r.fail(exc)
+            batch.keep([])
+            return
+        now = time.perf_counter()
+        for req, token in zip(reqs, self._sample(logits, reqs), strict=True):
+            self.accept(req, token, self.text_stops(req.params), now)
+        batch.keep([i for i, r in enumerate(reqs) if not r.done])
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)
