@@ -290,9 +290,7 @@ def _clients(url: str, body: dict[str, Any], n: int, seconds: float, conn: Any) 
     """In a process of its own: ``n`` client threads for ``seconds``; sends back (results, wall seconds)."""
     results: list[tuple[float, int, str | None]] = []
     start = time.perf_counter()
-    threads = [
-        threading.Thread(target=_client, args=(url, body, start + seconds, results)) for _ in range(n)
-    ]
+    threads = [threading.Thread(target=_client, args=(url, body, start + seconds, results)) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:

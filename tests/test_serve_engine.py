@@ -307,7 +307,7 @@ def test_decode_batch_merges_pads_and_trims():
     batch.keep([1, 2])  # "a" leaves: two columns are padding for every row left
     assert batch.mask.tolist() == [[0, 1, 1], [1, 1, 1]] and layer.keys.shape == (2, 2, 3, 4)
     assert batch.positions.tolist() == [2, 3]
-    tokens, mask, positions = batch.step_inputs(torch.tensor([7, 8]))
+    _, mask, positions = batch.step_inputs(torch.tensor([7, 8]))
     assert mask.shape == (2, 4) and positions.tolist() == [2, 3] and batch.positions.tolist() == [3, 4]
     batch.keep([])
     assert len(batch) == 0 and batch.cache is None

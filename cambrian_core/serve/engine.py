@@ -382,7 +382,11 @@ class InferenceEngine:
                     self._cond.wait(0.5)
                 if self._stop.is_set():
                     return []
-                if self.max_batch_size > 1 and len(self._pending) < self.max_batch_size and self.batch_wait > 0:
+                if (
+                    self.max_batch_size > 1
+                    and len(self._pending) < self.max_batch_size
+                    and self.batch_wait > 0
+                ):
                     self._cond.wait(self.batch_wait)
             take: list[Request] = []
             if self._continuous:
