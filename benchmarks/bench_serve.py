@@ -388,6 +388,10 @@ def main() -> None:
         "machine several threads make timings erratic)",
     )
     args = p.parse_args()
+    from cambrian_core.cpu_allocator import tune_cpu_allocator
+
+    # as the cambrian commands do (both sides of every comparison run in this process)
+    print(f"allocator: {'heap-only glibc malloc' if tune_cpu_allocator() else 'system defaults'}")
     torch.set_num_threads(args.threads)
     for size in args.sizes:
         part1(args, size)

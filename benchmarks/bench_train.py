@@ -405,6 +405,10 @@ def main() -> None:
         help="(b): SmolLM2-135M's architecture + real tokenizer (default) or a 6-layer LLaMA with a tiny vocabulary",
     )
     args = ap.parse_args()
+    from cambrian_core.cpu_allocator import tune_cpu_allocator
+
+    # as the cambrian commands do (both sides of every comparison run in this process)
+    print(f"allocator: {'heap-only glibc malloc' if tune_cpu_allocator() else 'system defaults'}")
     torch.manual_seed(0)
     data = bundled_data(args.data)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {data}")
