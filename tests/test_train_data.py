@@ -179,7 +179,7 @@ def test_collator_pads_dynamically_and_packs() -> None:
     assert b["attention_mask"].sum(1).tolist() == [5, 3, 9]
     assert (b["labels"][1, 3:] == IGNORE_INDEX).all()
     assert b["pixel_values"][0][:, 0, 0, 0].tolist() == [0.0, 2.0]  # images in sentinel order
-    assert b["num_tokens"] == 14 + 3 + 18
+    assert b["num_tokens"] == 14 + 3 + 18 and b["sample_lengths"] == [14, 3, 18]
 
     assert pack_rows([14, 3, 18], 20) == [[0, 1], [2]]
     p = Collator(pad_token_id=0, packing=True, max_length=20)(items)

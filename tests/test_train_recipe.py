@@ -270,3 +270,19 @@ def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match=r"eval\.limt: unknown key; did you mean `limit`\?"):
         run(train_cfg(records, tmp_path, eval={"benchmark": "jsonl", "data": str(records), "limt": 3}))
+
+
+def test_flop_count_follows_what_the_step_computes() -> None:
+    from cambrian_core.registry import MODELS, build
+    from cambrian_core.train.metrics import FlopsCounter
+
+    torch.manual_seed(0)
+    model = build(MODELS, tiny_model_cfg(stage="finetune"))
+    counter = FlopsCounter(model, image_sizes_probe=False)
+    head = model.llm.model.get_output_embeddings().weight.numel()
+    assert counter.head_params == head > 0
+    full = counter.step_flops(100, [60, 40], 0)
+    targets_only = counter.step_flops(100, [60, 40], 0, head_tokens=10)
+    assert full - targets_only == pytest.approx(2 * head * 90 * 3)  # trainable LLM: forward + 2 backward
+    # samples packed in one row attend within themselves: 60^2 + 40^2, not 100^2
+    assert counter.step_flops(100, [100], 0) > full

@@ -96,6 +96,7 @@ class Collator:
             if per_tower and any(x is not None for x in per_tower[0]):  # text-only batches carry no images
                 batch[key] = [torch.cat([x for x in tower if x is not None]) for tower in per_tower]
         batch["indices"] = [s["index"] for s in ordered]
-        batch["num_tokens"] = sum(int(s["length"]) for s in ordered)
+        batch["sample_lengths"] = [int(s["length"]) for s in ordered]  # LLM tokens, image tokens included
+        batch["num_tokens"] = sum(batch["sample_lengths"])
         batch["num_target_tokens"] = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in ordered)
         return batch

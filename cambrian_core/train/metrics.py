@@ -138,10 +138,12 @@ class FlopsCounter:
         llm = model.llm
         emb = llm.model.get_input_embeddings()
         emb_params = sum(p.numel() for p in emb.parameters())
-        self.llm_matmul_params = sum(p.numel() for p in llm.parameters()) - emb_params
         out = llm.model.get_output_embeddings()
-        if out is not None and out.weight is emb.weight:  # tied head: the matmul is still done
-            self.llm_matmul_params += emb_params
+        #: the LM head's matmul (tied or not), counted per position it runs on
+        self.head_params = 0 if out is None else int(out.weight.numel())
+        self.llm_matmul_params = sum(p.numel() for p in llm.parameters()) - emb_params
+        if out is not None and out.weight is not emb.weight:
+            self.llm_matmul_params -= self.head_params
         cfg = llm.model.config
         self.layers = int(getattr(cfg, "num_hidden_layers", len(llm.decoder_layers)))
         self.hidden = int(cfg.hidden_size)
@@ -163,10 +165,15 @@ class FlopsCounter:
         conn = model.connector
         self.connector_per_image = _measure(conn, feats) * (3 if _trainable(conn) else 1)
 
-    def step_flops(self, num_tokens: int, row_lengths: Iterable[int], num_images: int) -> float:
-        """FLOPs of a step over ``num_tokens`` LLM tokens in rows of ``row_lengths``, with ``num_images``."""
+    def step_flops(
+        self, num_tokens: int, row_lengths: Iterable[int], num_images: int, head_tokens: int | None = None
+    ) -> float:
+        """FLOPs of a step over ``num_tokens`` LLM tokens whose attention spans ``row_lengths`` (one entry per
+        sample, or per row of samples that see each other), with ``num_images``; the LM head runs on
+        ``head_tokens`` positions (default: every token; the runners compute it at target tokens only)."""
         attn = 4 * self.layers * self.hidden * sum(int(n) ** 2 for n in row_lengths)
-        llm = (2 * self.llm_matmul_params * num_tokens + attn) * self.llm_mult
+        head = 2 * self.head_params * (num_tokens if head_tokens is None else head_tokens)
+        llm = (2 * self.llm_matmul_params * num_tokens + head + attn) * self.llm_mult
         return float(llm + num_images * (self.vision_per_image + self.connector_per_image))
 
 

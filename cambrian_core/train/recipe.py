@@ -619,9 +619,10 @@ class TrainRecipe:
                 loss_sum += value * batch["num_target_tokens"]
                 tokens += batch["num_tokens"]
                 samples += batch["num_samples"]
-                if self.flops is not None:
-                    rows = batch["attention_mask"].sum(1).tolist()
-                    flops += self.flops.step_flops(batch["num_tokens"], rows, len(batch["image_sizes"]))
+                if self.flops is not None:  # each sample attends within itself (packed or not)
+                    head = batch["num_target_tokens"] if r.TARGET_LOGITS_ONLY else None
+                    n_img = len(batch["image_sizes"])
+                    flops += self.flops.step_flops(batch["num_tokens"], batch["sample_lengths"], n_img, head)
         grad_norm = r.step()
         totals = r.all_reduce(
             torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
