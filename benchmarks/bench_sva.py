@@ -10,6 +10,10 @@ row the fwd+bwd targets apply to) and with the features requiring grad (what a t
 shown for information: the gradient of the 9216x5760 tower projection alone makes its FLOPs 3.0x the
 forward's).
 
+The peaks are this host's: on CPUs with AMX the bf16 peak is ~6x the fp32 one, while the memory-bound work
+around the GEMMs (LayerNorms, GELUs, window bookkeeping, autocast's weight casts) is not faster in bf16, so
+"% of peak" figures from different hosts are not comparable.
+
 The cambrian commands keep freed memory in the process heap (``cambrian_core.cpu_allocator``), so large
 tensors are not page-faulted in on every allocation; ``--allocator system`` measures glibc's defaults.
 
@@ -77,7 +81,8 @@ def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
             for r2 in keys:
                 if r2 == 1:
                     executed += 4 * qn * c * c + 3 * qn * c  # k and v projections, scores, weighting
-                else:  # query into key space, scores, window sums, value projection
+                else:  # query into key space, scores, window sums, value projection (the p.pos
+                    # row dots ride on an R-times wider GEMM whose off-diagonal work is not counted)
                     executed += 2 * n * c * c + 2 * qn * r2 * c * heads
                     executed += 2 * qn * heads * r2 * c + 2 * qn * c * c
             executed += 6 * qn * c * c  # o_proj, MLP

@@ -159,9 +159,12 @@ def _ref_cell_windows(maps, masks, b, i, j, q):
     return keys, mask
 
 
-def ref_sva(m: SVAConnector, feats, masks, heads):
-    """Reference §B.4 with loops over images, groups, query cells and layers (float64)."""
-    p = {k: v.detach().double() for k, v in m.state_dict().items()}
+def ref_sva(m: SVAConnector, feats, masks, heads, params=None):
+    """Reference §B.4 with loops over images, groups, query cells and layers (float64).
+
+    ``params``: float64 tensors by state-dict name to use instead of the model's (to take gradients).
+    """
+    p = params if params is not None else {k: v.detach().double() for k, v in m.state_dict().items()}
     maps = []
     for t, f in enumerate(feats):
         a = f"mm_projector_aux_{t}."
@@ -264,6 +267,31 @@ def test_sva_equals_plain_reference_loop():
         torch.testing.assert_close(
             got.double(), ref_llm_sample(m, k, hidden, maps, masks, p, 4), atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sva_gradients_equal_the_plain_reference_loop(dtype):
+    """Input and parameter gradients (position embeddings, folded LayerNorms, shared moments included)
+    match autograd through the loop; fp32 and fp64 take different batched-GEMM layouts."""
+    m = _ref_model(connector_only=True).to(dtype)
+    feats = [
+        torch.randn(2, n, c, dtype=dtype, requires_grad=True)
+        for n, c in zip(m.in_token_lens, m.in_channels, strict=True)
+    ]
+    masks = _ref_masks()
+    out = m(feats, masks).tokens
+    ref_feats = [f.detach().double().requires_grad_(True) for f in feats]
+    params = {k: v.detach().double().requires_grad_(True) for k, v in m.named_parameters()}
+    want, _, _ = ref_sva(m, ref_feats, masks, heads=4, params=params)
+    g = torch.randn_like(want)
+    names = [k for k, v in m.named_parameters() if k in params]
+    got = torch.autograd.grad(out, [*feats, *(dict(m.named_parameters())[k] for k in names)], g.to(dtype))
+    ref = torch.autograd.grad(want, [*ref_feats, *(params[k] for k in names)], g, allow_unused=True)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    assert any("pos_embed" in k for k in names)
+    for name, a, b in zip([f"feature {t}" for t in range(3)] + names, got, ref, strict=True):
+        b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda e, n=name: f"{n}: {e}")
 
 
 def test_sva_reference_without_masks_and_single_group():
@@ -481,18 +509,17 @@ def test_config_validation_reports_connector_problems():
     assert check_component("connectors", dict(bad, in_token_lens=[16, 64]), "model.connector") == []
 
 
-def test_sva_row_statistics_match_var_mean_and_their_gradient_checks() -> None:
-    from cambrian_plugins.connectors._sva_layers import _row_stats
+def test_sva_row_moments_and_their_gradient_check() -> None:
+    from cambrian_plugins.connectors._sva_layers import _row_moments
 
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_row_stats, (x,))
+    assert torch.autograd.gradcheck(_row_moments, (x,))
     y = (torch.randn(4, 6, 64) * 3 + 1).requires_grad_(True)
-    var, mean = _row_stats(y)
-    ref_var, ref_mean = torch.var_mean(y, dim=-1, unbiased=False)
-    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mean, ref_mean)
-    g_var, g_mean = torch.randn_like(var), torch.randn_like(mean)
-    (ours,) = torch.autograd.grad((var * g_var).sum() + (mean * g_mean).sum(), y)
-    (theirs,) = torch.autograd.grad((ref_var * g_var).sum() + (ref_mean * g_mean).sum(), y)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
-    assert _row_stats(y.detach().bfloat16())[0].dtype == torch.float32  # bf16 rows: fp32 statistics
+    mean, square = _row_moments(y)
+    torch.testing.assert_close(mean, y.mean(-1))
+    torch.testing.assert_close(square, y.square().mean(-1), rtol=1e-5, atol=1e-5)
+    g_mean, g_square = torch.randn_like(mean), torch.randn_like(square)
+    (ours,) = torch.autograd.grad((mean * g_mean).sum() + (square * g_square).sum(), y)
+    expected = g_mean.unsqueeze(-1) / 64 + 2 * y.detach() * g_square.unsqueeze(-1) / 64
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert _row_moments(y.detach().bfloat16())[1].dtype == torch.float32  # bf16 rows: fp32 moments

@@ -8,8 +8,11 @@ Parameters and their state-dict names are the reference's (``proj_context``, ``p
   map has as many rows as there are query cells.
 * Towers with ``R = r*r > 1`` keys per cell never get per-key K/V. ``k = LN(p + pos) W_k^T`` is linear
   in ``LN(p + pos)``, so the per-head query is taken into the key space (``u = (W_k diag(gamma_k))^T q``)
-  and the LayerNorm is applied through the row statistics of ``x = p + pos`` (a sum and a 2-norm per
-  row); on the value side the attention-weighted rows of ``x`` are summed first and the sum is projected. That costs O(query cells x C^2) instead of O(keys x C^2)
+  and the LayerNorm is applied through the row statistics of ``x = p + pos`` (the rows' mean and mean
+  square, computed once per forward and shared by all layers, plus ``p . pos`` per layer); the position
+  embedding reaches the scores and values through ``W_k pos`` and ``W_v pos``, so ``p + pos`` is never
+  formed. On the value side the attention-weighted rows are summed first and the sum is projected. That
+  costs O(query cells x C^2) instead of O(keys x C^2)
   (576 rows instead of 9216 for the Cambrian-8B ConvNeXt tower) in every layer and in-LLM sampler.
 * When every query cell starts from the same vector (first layer of a query group), ``proj_in``,
   ``q_proj`` and the query side of the scores are computed once per image and broadcast.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,9 @@ class TowerWindows:
     side: int  #: query grid side q
     windows: list[torch.Tensor]  #: per tower ``[N_img, q*q, r_t*r_t, C]`` (window rows row-major)
     mask: torch.Tensor | None  #: ``[N_img, q*q, sum_t r_t^2]`` bool (True = attend); ``None`` = all real
+    #: per tower with ``r_t > 1``: (mean, mean square) over channels of every window row, fp32 ``[N_img, q*q, r_t^2]``;
+    #: computed once and shared by every layer and in-LLM sampler that reads these windows
+    moments: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
 
 def _window(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -67,11 +73,12 @@ def make_windows(
         ]
         mask = torch.cat(parts, dim=-1)
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return TowerWindows(side, wins, mask)
+    moments = [_row_moments(w) if w.shape[2] > 1 else None for w in wins]
+    return TowerWindows(side, wins, mask, moments)
 
 
-class _RowStats(torch.autograd.Function):
-    """(var, mean) over the last dim in fp32, with a one-pass backward (``a * x + b`` per row)."""
+class _RowMoments(torch.autograd.Function):
+    """(mean, mean square) over the last dim in fp32, with a one-pass backward (``a * x + b`` per row)."""
 
     @staticmethod
     def forward(
@@ -80,32 +87,32 @@ class _RowStats(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16 / fp16 / fp32, fp64 stays
         mean = x.mean(dim=-1, dtype=acc)
         square = torch.linalg.vector_norm(x, dim=-1, dtype=acc).square() / x.shape[-1]
-        ctx.save_for_backward(x, mean)
-        return (square - mean.square()).clamp(min=0.0), mean
+        ctx.save_for_backward(x)
+        return mean, square
 
     @staticmethod
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, g_var: torch.Tensor | None, g_mean: torch.Tensor | None
+        ctx: torch.autograd.function.FunctionCtx, g_mean: torch.Tensor | None, g_square: torch.Tensor | None
     ) -> torch.Tensor:
-        x, mean = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         c = x.shape[-1]
-        g_var = torch.zeros_like(mean) if g_var is None else g_var
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        # d var / dx = 2 (x - mean) / C, d mean / dx = 1 / C
-        scale = (2.0 / c) * g_var
-        shift = (g_mean - 2.0 * g_var * mean) / c
+        shape = x.shape[:-1]
+        g_mean = x.new_zeros(shape, dtype=torch.float32) if g_mean is None else g_mean
+        g_square = x.new_zeros(shape, dtype=torch.float32) if g_square is None else g_square
+        # d mean / dx = 1 / C, d square / dx = 2 x / C
+        scale = ((2.0 / c) * g_square).unsqueeze(-1).to(x.dtype)
         # multiply then add in place: ~5x faster than a broadcasting addcmul in bf16 on CPU
-        return (x * scale.unsqueeze(-1).to(x.dtype)).add_(shift.unsqueeze(-1).to(x.dtype))
+        return (x * scale).add_((g_mean / c).unsqueeze(-1).to(x.dtype))
 
 
-def _row_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(var, mean) over channels of each window row, in fp32 (reductions accumulate in fp32 for bf16).
+def _row_moments(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, mean of squares) over channels of each window row, in fp32.
 
-    ``E[x^2] - mean^2`` from a sum and a 2-norm: both stream the rows once, forward and backward, where
-    ``var_mean``'s Welford kernel is ~25x slower on these shapes. The rows are LayerNorm outputs (unit scale,
-    small mean), so the difference loses nothing in fp32.
+    A sum and a 2-norm stream the rows once, forward and backward, where ``var_mean``'s Welford kernel is
+    ~25x slower on these shapes. The rows are LayerNorm outputs (unit scale, small mean) plus a position
+    embedding, so ``E[x^2] - mean^2`` loses nothing in fp32.
     """
-    return _RowStats.apply(w)
+    return _RowMoments.apply(w)
 
 
 def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,7 +120,8 @@ def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
     norm, lin = proj[0], proj[1]
     weight, bias = lin.weight, lin.bias
     if norm.bias is not None:
-        shift = torch.mv(weight.float(), norm.bias.float()).to(weight.dtype)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        shift = torch.mv(weight.to(wide), norm.bias.to(wide)).to(weight.dtype)
         bias = shift if bias is None else bias + shift
     if norm.weight is not None:
         weight = weight * norm.weight
@@ -159,7 +167,7 @@ class MultiKVCrossAttention(nn.Module):
             if win.windows[t].shape[2] == 1:
                 s, v = _one_key(q, win.windows[t], k_proj, v_proj)
             else:
-                s, v = _window_keys(q, win.windows[t], k_proj, v_proj, pos[t])
+                s, v = _window_keys(q, win.windows[t], win.moments[t], k_proj, v_proj, pos[t])
             scores.append(s)
             values.append(v)
         logits = torch.cat(scores, dim=-1)  # [B, q*q, h, sum r^2]
@@ -191,53 +199,75 @@ def _one_key(
     def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         return a * v if acc is None else acc.addcmul_(a, v)
 
-    return (q * k).sum(-1, keepdim=True).float(), value
+    return (q * k).sum(-1, keepdim=True).to(torch.promote_types(q.dtype, torch.float32)), value
 
 
 def _window_keys(
     q: torch.Tensor,
     p: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor],
     k_proj: nn.Sequential,
     v_proj: nn.Sequential,
     pos: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Value]:
-    """A tower with ``R = r*r`` keys per cell, without ever forming its keys or values.
+    """A tower with ``R = r*r`` keys per cell, without ever forming its keys, values or ``p + pos``.
 
     With ``x = p + pos`` (the window rows plus this layer's position embedding) and
     ``LN(x) = (x - mu) / sigma * gamma + beta``, a score is ``(x.u - mu * sum(u)) / sigma + q.b_k`` where
-    ``u = (W_k gamma_k)^T q`` lives in the key space. The value side sums the attention-weighted rows of
-    ``x`` first and projects the sum.
+    ``u = (W_k gamma_k)^T q`` lives in the key space. ``x.u = p.u + (W_k pos).q``: the position part is
+    taken to the query side, and ``mu``, ``sigma`` come from the rows' shared moments plus ``p.pos``. The
+    value side sums the attention-weighted rows of ``p`` first and projects the sum (``pos`` again through
+    ``W_v pos``).
     """
     b, n, h, d = q.shape
     _, cells, r2, c = p.shape
     wk, bk = _fold(k_proj)
     wv, bv = _fold(v_proj)
-    x = p if pos is None else p + pos.to(p.dtype)  # one [N, q*q, R, C] add: every later op reads x once
-    var, mu = _row_stats(x)
-    inv = torch.rsqrt(var + LN_EPS)  # [B, q*q, R]
+    mu, square = moments  # [B, q*q, R] fp32 (fp64 for fp64 rows), of the rows of p
+    wide = mu.dtype  # statistics and score dtype
+    if pos is not None:
+        pos_f = pos.to(wide)
+        # p . pos per row: the diagonal of one [rows, C] x [C, R] GEMM (R-fold work, but one read of p and
+        # BLAS speed in every dtype, where a per-row dot product is a strided batch of matrix-vector products)
+        dot = (
+            (p.reshape(-1, c) @ pos.to(p.dtype).t())
+            .view(b, cells, r2, r2)
+            .diagonal(dim1=-2, dim2=-1)
+            .to(wide)
+        )
+        mu = mu + pos_f.mean(-1)
+        square = square + (2.0 / c) * dot + pos_f.square().mean(-1)
+    inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
+    # fp32 batched GEMMs read strided batches in place; the bf16 ones copy them, so those get row-major copies
+    strided = q.dtype == torch.float32 and p.dtype == torch.float32
     # query into key space, per head: [h, B*n, C]
-    u = torch.bmm(q.reshape(b * n, h, d).transpose(0, 1), wk.view(h, d, c))
-    # per query row [B*n, h, C], contiguous: the bmm below and its backward then read plain row-major batches
-    u = u.transpose(0, 1).contiguous()
+    u = torch.bmm(q.reshape(b * n, h, d).transpose(0, 1).contiguous(), wk.view(h, d, c))
+    u = u.permute(1, 2, 0) if strided else u.transpose(0, 1).contiguous().transpose(1, 2)  # [B*n, C, h]
     # scores against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM over the whole map)
-    raw = torch.bmm(x.view(b * n, -1, c), u.transpose(1, 2)).view(b, cells, r2, h)
+    raw = torch.bmm(p.view(b * n, -1, c), u).view(b, cells, r2, h).transpose(-1, -2)
+    raw = raw.to(wide)
+    if pos is not None:  # pos . u = (W_k pos) . q, per head: [B, n, h, R]
+        pos_k = F.linear(pos.to(q.dtype), wk.to(q.dtype)).view(r2, h, d)
+        raw = raw + torch.einsum("bnhd,rhd->bnhr", q, pos_k).to(wide)
     u_sum = torch.einsum("bnhd,hd->bnh", q, wk.sum(-1).view(h, d).to(q.dtype))  # sum_c u, without reading u
-    raw = raw.float() - mu.unsqueeze(-1) * u_sum.unsqueeze(2).float()
-    scores = (raw * inv.unsqueeze(-1)).transpose(-1, -2)  # [B, q*q, h, R]
+    scores = (raw - mu.unsqueeze(2) * u_sum.unsqueeze(-1).to(wide)) * inv.unsqueeze(2)  # [B, q*q, h, R]
     if bk is not None:
-        scores = scores + torch.einsum("bnhd,hd->bnh", q, bk.view(h, d).to(q.dtype)).unsqueeze(-1).float()
+        scores = scores + torch.einsum("bnhd,hd->bnh", q, bk.view(h, d).to(q.dtype)).unsqueeze(-1).to(wide)
     wv_t = wv.view(h, d, c).transpose(1, 2)  # [h, C, d]
 
     def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         w = a * inv.unsqueeze(2)  # [B, q*q, h, R]: attention over sigma = weights of the raw window rows
-        summed = torch.bmm(w.to(x.dtype).reshape(b * cells, h, r2), x.view(b * cells, r2, c))  # [B*q*q, h, C]
-        out = torch.bmm(summed.transpose(0, 1).contiguous(), wv_t)  # [h, B*q*q, d]
-        shift = (w * mu.unsqueeze(2)).sum(-1).permute(2, 0, 1).reshape(h, b * cells, 1)  # the mu part
-        out = out.addcmul_(shift.to(out.dtype), wv.sum(-1).view(h, 1, d).to(out.dtype), value=-1)
+        summed = torch.bmm(w.to(p.dtype).reshape(b * cells, h, r2), p.view(b * cells, r2, c))  # [B*q*q, h, C]
+        summed = summed.transpose(0, 1) if strided else summed.transpose(0, 1).contiguous()  # [h, B*q*q, C]
+        out = torch.bmm(summed, wv_t).transpose(0, 1).view(b, cells, h, d)
+        shift = (w * mu.unsqueeze(2)).sum(-1, keepdim=True)  # the mu part: [B, q*q, h, 1]
+        corr = shift * wv.sum(-1).view(h, d).to(wide).neg()
+        if pos is not None:  # sum_r w_r (W_v pos_r), per head
+            pos_v = F.linear(pos.to(wv.dtype), wv).view(r2, h, d).to(wide)
+            corr = corr + torch.einsum("bnhr,rhd->bnhd", w, pos_v)
         if bv is not None:
-            total = a.sum(-1).permute(2, 0, 1).reshape(h, b * cells, 1)
-            out = out.addcmul_(total.to(out.dtype), bv.view(h, 1, d).to(out.dtype))
-        out = out.transpose(0, 1).view(b, cells, h, d)
+            corr = corr.addcmul_(a.sum(-1, keepdim=True), bv.view(h, d).to(wide))
+        out = out + corr.to(out.dtype)
         return out if acc is None else acc.add_(out)
 
     return scores, value

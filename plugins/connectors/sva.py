@@ -230,7 +230,8 @@ class SVAConnector(Connector):
             query = self.vision_query[g].view(1, 1, -1).expand(maps[0].shape[0], 1, -1)
             y = getattr(self, f"vision_sampler_{g}")(query, context, win)
             if side != self.grid:  # bilinear resize of the q x q grid to the final grid, in fp32
-                grid = y.transpose(1, 2).reshape(y.shape[0], -1, side, side).float()
+                grid = y.transpose(1, 2).reshape(y.shape[0], -1, side, side)
+                grid = grid.to(torch.promote_types(grid.dtype, torch.float32))
                 grid = F.interpolate(grid, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
                 y = grid.flatten(2).transpose(1, 2).to(y.dtype)
             groups.append(y)
