@@ -61,6 +61,9 @@ class FSDPRunner(Runner):
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # ranks leave together: a rank that tore down gloo while rank 0 was still writing its loss curve
+            # was seen to abort at exit ("terminate called without an active exception")
+            barrier()
             dist.destroy_process_group()
 
     def wrap(self, model: nn.Module) -> nn.Module:
