@@ -496,25 +496,13 @@ class InferenceEngine:
 
     def _run_batch(self, batch: list[Request]) -> None:
         try:
-            device = self._device()
-            images = [im for r in batch for im in r.images]
-            pixels, sizes = self.model.prepare_images(images) if images else (None, None)
-            if pixels is not None:
-                pixels = [p.to(device) for p in pixels]
-                sizes = sizes.to(device) if sizes is not None else None
-            width = max(len(r.input_ids) for r in batch)
-            pad = int(self.tokenizer.pad_token_id)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, r in enumerate(batch):  # left padding
-                ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
-                mask[i, width - len(r.input_ids) :] = 1
+            ids, mask, pixels, sizes = self._prompts(batch)
             params = batch[0].params
             budget = max(r.max_new_tokens for r in batch)
             with torch.inference_mode():
                 self.model.generate(
-                    ids.to(device),
-                    mask.to(device),
+                    ids,
+                    mask,
                     pixel_values=pixels,
                     image_sizes=sizes,
                     max_new_tokens=budget,
