@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -286,3 +289,60 @@ def test_flop_count_follows_what_the_step_computes() -> None:
     assert full - targets_only == pytest.approx(2 * head * 90 * 3)  # trainable LLM: forward + 2 backward
     # samples packed in one row attend within themselves: 60^2 + 40^2, not 100^2
     assert counter.step_flops(100, [100], 0) > full
+
+
+class _FakeWandb(types.ModuleType):
+    """Stands in for the ``wandb`` package (a network service): records what the recipe sends it."""
+
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.init_kwargs: dict = {}
+        self.logged: list[tuple[int, dict]] = []
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, dict(values)))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_wandb_receives_the_same_metrics_as_metrics_jsonl(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = train_cfg(
+        records,
+        tmp_path,
+        data={"val_fraction": 0.25},
+        schedule={"max_steps": 3, "eval_interval": 3},
+        log={"wandb": {"project": "cambrian-test", "mode": "offline"}},
+    )
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(cfg)
+    kw = fake.init_kwargs
+    assert (kw["project"], kw["mode"], kw["dir"]) == ("cambrian-test", "offline", str(tmp_path))
+    assert kw["config"]["stage"] == "pretrain"
+    assert fake.finished == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [
+        (r["step"], {f"{r['split']}/{k}": v for k, v in r.items() if k not in ("step", "split")})
+        for r in rows
+    ]
+    assert fake.logged == want
+    assert [s for s, v in fake.logged if "train/loss" in v] == [1, 2, 3]
+    assert [s for s, v in fake.logged if "eval/loss" in v] == [3]
+
+
+def test_wandb_configured_but_not_installed_says_how_to_fix(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = train_cfg(records, tmp_path, schedule={"max_steps": 1}, log={"wandb": {"project": "p"}})
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ImportError, match=r"log\.wandb is set but wandb is not installed: pip install wandb"):
+        run(cfg)
