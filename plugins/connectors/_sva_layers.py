@@ -305,9 +305,12 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor, win: TowerWindows) -> torch.Tensor:
         """``queries`` ``[B, n, q_dim]`` (``n`` = 1 or ``q*q``), ``context`` ``[B, C]`` -> ``[B, q*q, q_dim]``."""
-        w = self.proj_in.weight
-        ctx = F.linear(self.proj_context(context), w[:, self.q_dim :]).unsqueeze(1)  # once per image
-        z = F.linear(queries, w[:, : self.q_dim]) + ctx
+        # split, not two slices: its backward writes the weight's gradient once (a slice's backward zero-fills it)
+        w_query, w_context = self.proj_in.weight.split(
+            [self.q_dim, self.proj_in.in_features - self.q_dim], dim=1
+        )
+        ctx = F.linear(self.proj_context(context), w_context).unsqueeze(1)  # once per image
+        z = F.linear(queries, w_query) + ctx
         z = z + self.cross_attn(z, win, self.pos_embeds())
         return queries + self.proj_out(self.norm(z))
 
