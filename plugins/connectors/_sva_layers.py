@@ -202,6 +202,76 @@ def _one_key(
     return (q * k).sum(-1, keepdim=True).to(torch.promote_types(q.dtype, torch.float32)), value
 
 
+def _same_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of a custom batched-GEMM function in one dtype: autocast's (custom functions are not
+    autocast), else the widest."""
+    if torch.is_autocast_enabled(xs[0].device.type):
+        dtype = torch.get_autocast_dtype(xs[0].device.type)
+    else:
+        dtype = xs[0].dtype
+        for x in xs[1:]:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return tuple(x.to(dtype) for x in xs)
+
+
+class _KeySpaceScores(torch.autograd.Function):
+    """``raw[N, rows, h] = p[N, rows, :] . u[N, h, :]`` with ``u[N, h] = q[h, N] @ W_k[h]`` (the query in key space).
+
+    ``q``: ``[h, N, d]``, ``w``: ``[h, d, C]``, ``p``: ``[N, rows, C]``. Written out so that every batched GEMM,
+    forward and backward, reads row-major batches: autograd's own backward of the same two ``bmm`` reads
+    ``u``'s gradient through strides of ``h*C`` (a power of two), which runs 3-4x slower on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, w: torch.Tensor, p: torch.Tensor):
+        u = torch.bmm(q, w).transpose(0, 1).contiguous()  # [N, h, C]
+        ctx.save_for_backward(q, w, p, u)
+        return torch.bmm(p, u.transpose(1, 2))  # [N, rows, h]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor):
+        q, w, p, u = ctx.saved_tensors
+        g = g.contiguous()
+        grad_p = torch.bmm(g, u) if ctx.needs_input_grad[2] else None
+        grad_q = grad_w = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_u = torch.bmm(g.transpose(1, 2), p).transpose(0, 1).contiguous()  # [h, N, C]
+            if ctx.needs_input_grad[0]:
+                grad_q = torch.bmm(grad_u, w.transpose(1, 2))
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.bmm(q.transpose(1, 2), grad_u)
+        return grad_q, grad_w, grad_p
+
+
+class _WeightedRowsProjected(torch.autograd.Function):
+    """``out[h, N] = (sum_r a[N, h, r] p[N, r, :]) @ W[h]``: attention-weighted window rows, projected per head.
+
+    ``a``: ``[N, h, R]``, ``p``: ``[N, R, C]``, ``w``: ``[h, C, d]`` -> ``[h, N, d]``; backward as in
+    :class:`_KeySpaceScores` (row-major batches only).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, p: torch.Tensor, w: torch.Tensor):
+        summed = torch.bmm(a, p).transpose(0, 1).contiguous()  # [h, N, C]
+        ctx.save_for_backward(a, p, w, summed)
+        return torch.bmm(summed, w)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor):
+        a, p, w, summed = ctx.saved_tensors
+        g = g.contiguous()
+        # [h, d, C] then transposed: the plain transpose of ``summed`` has a leading dimension of C (slow)
+        grad_w = torch.bmm(g.transpose(1, 2), summed).transpose(1, 2) if ctx.needs_input_grad[2] else None
+        grad_a = grad_p = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_summed = torch.bmm(g, w.transpose(1, 2)).transpose(0, 1).contiguous()  # [N, h, C]
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.bmm(grad_summed, p.transpose(1, 2))
+            if ctx.needs_input_grad[1]:
+                grad_p = torch.bmm(a.transpose(1, 2), grad_summed)
+        return grad_a, grad_p, grad_w
+
+
 def _window_keys(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -238,13 +308,10 @@ def _window_keys(
         mu = mu + pos_f.mean(-1)
         square = square + (2.0 / c) * dot + pos_f.square().mean(-1)
     inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
-    # fp32 batched GEMMs read strided batches in place; the bf16 ones copy them, so those get row-major copies
-    strided = q.dtype == torch.float32 and p.dtype == torch.float32
-    # query into key space, per head: [h, B*n, C]
-    u = torch.bmm(q.reshape(b * n, h, d).transpose(0, 1).contiguous(), wk.view(h, d, c))
-    u = u.permute(1, 2, 0) if strided else u.transpose(0, 1).contiguous().transpose(1, 2)  # [B*n, C, h]
-    # scores against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM over the whole map)
-    raw = torch.bmm(p.view(b * n, -1, c), u).view(b, cells, r2, h).transpose(-1, -2)
+    # the query in key space against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM)
+    qh = q.reshape(b * n, h, d).transpose(0, 1).contiguous()
+    qh, wkh, pr = _same_dtype(qh, wk.view(h, d, c), p.view(b * n, -1, c))
+    raw = _KeySpaceScores.apply(qh, wkh, pr).view(b, cells, r2, h).transpose(-1, -2)
     raw = raw.to(wide)
     if pos is not None:  # pos . u = (W_k pos) . q, per head: [B, n, h, R]
         pos_k = F.linear(pos.to(q.dtype), wk.to(q.dtype)).view(r2, h, d)
@@ -257,9 +324,8 @@ def _window_keys(
 
     def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         w = a * inv.unsqueeze(2)  # [B, q*q, h, R]: attention over sigma = weights of the raw window rows
-        summed = torch.bmm(w.to(p.dtype).reshape(b * cells, h, r2), p.view(b * cells, r2, c))  # [B*q*q, h, C]
-        summed = summed.transpose(0, 1) if strided else summed.transpose(0, 1).contiguous()  # [h, B*q*q, C]
-        out = torch.bmm(summed, wv_t).transpose(0, 1).view(b, cells, h, d)
+        wr, pr, wvh = _same_dtype(w.reshape(b * cells, h, r2), p.view(b * cells, r2, c), wv_t)
+        out = _WeightedRowsProjected.apply(wr, pr, wvh).transpose(0, 1).view(b, cells, h, d)
         shift = (w * mu.unsqueeze(2)).sum(-1, keepdim=True)  # the mu part: [B, q*q, h, 1]
         corr = shift * wv.sum(-1).view(h, d).to(wide).neg()
         if pos is not None:  # sum_r w_r (W_v pos_r), per head
