@@ -215,32 +215,52 @@ def _same_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class _KeySpaceScores(torch.autograd.Function):
-    """``raw[N, rows, h] = p[N, rows, :] . u[N, h, :]`` with ``u[N, h] = q[h, N] @ W_k[h]`` (the query in key space).
+    """``raw[N, rows, h] = p[N, rows, :] . u[N, h, :]`` with ``u[N, h] = q[h, N] @ W_k[h]`` (the query in key space),
+    and ``dot[N, rows] = p[N, rows, :] . pos[row % R]`` (``pos``: ``[R, C]``) for the LayerNorm statistics.
 
     ``q``: ``[h, N, d]``, ``w``: ``[h, d, C]``, ``p``: ``[N, rows, C]``. Written out so that every batched GEMM,
-    forward and backward, reads row-major batches: autograd's own backward of the same two ``bmm`` reads
-    ``u``'s gradient through strides of ``h*C`` (a power of two), which runs 3-4x slower on CPU.
+    forward and backward, reads row-major batches (autograd's own backward of the same ``bmm`` reads ``u``'s
+    gradient through strides of ``h*C``, a power of two, 3-4x slower on CPU), and so that ``p``'s gradient is
+    formed once: ``g_raw @ u`` plus ``g_dot * pos`` added in place.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, w: torch.Tensor, p: torch.Tensor):
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        w: torch.Tensor,
+        p: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.bmm(q, w).transpose(0, 1).contiguous()  # [N, h, C]
-        ctx.save_for_backward(q, w, p, u)
-        return torch.bmm(p, u.transpose(1, 2))  # [N, rows, h]
+        ctx.save_for_backward(q, w, p, u, pos)
+        r2, c = pos.shape
+        # the diagonal of one [rows, C] x [C, R] GEMM: R-fold work, but BLAS speed in every dtype where a
+        # per-row dot product is a strided batch of matrix-vector products
+        dot = (p.reshape(-1, c) @ pos.t()).view(-1, r2, r2).diagonal(dim1=-2, dim2=-1).reshape(p.shape[:2])
+        return torch.bmm(p, u.transpose(1, 2)), dot  # [N, rows, h], [N, rows]
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor):
-        q, w, p, u = ctx.saved_tensors
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor, g_dot: torch.Tensor | None):
+        q, w, p, u, pos = ctx.saved_tensors
+        r2, c = pos.shape
         g = g.contiguous()
-        grad_p = torch.bmm(g, u) if ctx.needs_input_grad[2] else None
-        grad_q = grad_w = None
+        grad_q = grad_w = grad_p = grad_pos = None
+        if ctx.needs_input_grad[2]:
+            grad_p = torch.bmm(g, u)
+            if g_dot is not None:
+                grad_p.view(-1, r2, c).addcmul_(g_dot.reshape(-1, r2, 1).to(p.dtype), pos)
+        if ctx.needs_input_grad[3] and g_dot is not None:  # sum over windows of g_dot * p, per position r
+            full = g_dot.new_zeros(g_dot.numel() // r2, r2, r2)
+            full.diagonal(dim1=-2, dim2=-1).copy_(g_dot.reshape(-1, r2))
+            grad_pos = full.view(-1, r2).to(p.dtype).t() @ p.reshape(-1, c)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_u = torch.bmm(g.transpose(1, 2), p).transpose(0, 1).contiguous()  # [h, N, C]
             if ctx.needs_input_grad[0]:
                 grad_q = torch.bmm(grad_u, w.transpose(1, 2))
             if ctx.needs_input_grad[1]:
                 grad_w = torch.bmm(q.transpose(1, 2), grad_u)
-        return grad_q, grad_w, grad_p
+        return grad_q, grad_w, grad_p, grad_pos
 
 
 class _WeightedRowsProjected(torch.autograd.Function):
@@ -295,24 +315,17 @@ def _window_keys(
     wv, bv = _fold(v_proj)
     mu, square = moments  # [B, q*q, R] fp32 (fp64 for fp64 rows), of the rows of p
     wide = mu.dtype  # statistics and score dtype
-    if pos is not None:
-        pos_f = pos.to(wide)
-        # p . pos per row: the diagonal of one [rows, C] x [C, R] GEMM (R-fold work, but one read of p and
-        # BLAS speed in every dtype, where a per-row dot product is a strided batch of matrix-vector products)
-        dot = (
-            (p.reshape(-1, c) @ pos.to(p.dtype).t())
-            .view(b, cells, r2, r2)
-            .diagonal(dim1=-2, dim2=-1)
-            .to(wide)
-        )
-        mu = mu + pos_f.mean(-1)
-        square = square + (2.0 / c) * dot + pos_f.square().mean(-1)
-    inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
     # the query in key space against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM)
     qh = q.reshape(b * n, h, d).transpose(0, 1).contiguous()
-    qh, wkh, pr = _same_dtype(qh, wk.view(h, d, c), p.view(b * n, -1, c))
-    raw = _KeySpaceScores.apply(qh, wkh, pr).view(b, cells, r2, h).transpose(-1, -2)
-    raw = raw.to(wide)
+    zero = p.new_zeros(r2, c)
+    qh, wkh, pr, pos_p = _same_dtype(qh, wk.view(h, d, c), p.view(b * n, -1, c), zero if pos is None else pos)
+    raw, dot = _KeySpaceScores.apply(qh, wkh, pr, pos_p)
+    raw = raw.view(b, cells, r2, h).transpose(-1, -2).to(wide)
+    if pos is not None:
+        pos_f = pos.to(wide)
+        mu = mu + pos_f.mean(-1)
+        square = square + (2.0 / c) * dot.view(b, cells, r2).to(wide) + pos_f.square().mean(-1)
+    inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
     if pos is not None:  # pos . u = (W_k pos) . q, per head: [B, n, h, R]
         pos_k = F.linear(pos.to(q.dtype), wk.to(q.dtype)).view(r2, h, d)
         raw = raw + torch.einsum("bnhd,rhd->bnhr", q, pos_k).to(wide)
