@@ -317,18 +317,18 @@ def _window_keys(
     wide = mu.dtype  # statistics and score dtype
     # the query in key space against the raw window rows: [B*n, rows, C] x [B*n, C, h] (n = 1: one GEMM)
     qh = q.reshape(b * n, h, d).transpose(0, 1).contiguous()
-    zero = p.new_zeros(r2, c)
-    qh, wkh, pr, pos_p = _same_dtype(qh, wk.view(h, d, c), p.view(b * n, -1, c), zero if pos is None else pos)
+    pos_p = pos if pos is not None else p.new_zeros(r2, c)
+    qh, wkh, pr, pos_p = _same_dtype(qh, wk.view(h, d, c), p.view(b * n, -1, c), pos_p)
     raw, dot = _KeySpaceScores.apply(qh, wkh, pr, pos_p)
     raw = raw.view(b, cells, r2, h).transpose(-1, -2).to(wide)
     if pos is not None:
         pos_f = pos.to(wide)
         mu = mu + pos_f.mean(-1)
         square = square + (2.0 / c) * dot.view(b, cells, r2).to(wide) + pos_f.square().mean(-1)
-    inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
-    if pos is not None:  # pos . u = (W_k pos) . q, per head: [B, n, h, R]
+        # pos . u = (W_k pos) . q, per head: [B, n, h, R]
         pos_k = F.linear(pos.to(q.dtype), wk.to(q.dtype)).view(r2, h, d)
         raw = raw + torch.einsum("bnhd,rhd->bnhr", q, pos_k).to(wide)
+    inv = torch.rsqrt((square - mu.square()).clamp(min=0.0) + LN_EPS)  # [B, q*q, R]
     u_sum = torch.einsum("bnhd,hd->bnh", q, wk.sum(-1).view(h, d).to(q.dtype))  # sum_c u, without reading u
     scores = (raw - mu.unsqueeze(2) * u_sum.unsqueeze(-1).to(wide)) * inv.unsqueeze(2)  # [B, q*q, h, R]
     if bk is not None:
