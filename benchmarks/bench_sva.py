@@ -17,7 +17,7 @@ around the GEMMs (LayerNorms, GELUs, window bookkeeping, autocast's weight casts
 The cambrian commands keep freed memory in the process heap (``cambrian_core.cpu_allocator``), so large
 tensors are not page-faulted in on every allocation; ``--allocator system`` measures glibc's defaults.
 
-Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N]
+Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -103,40 +103,47 @@ class Timing(NamedTuple):
     cpu: float  #: process CPU seconds / threads (excludes time other processes held our cores)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def best_of(fn: Callable[[], Any], repeats: int) -> Timing:
-    """Minimum wall-clock and CPU time of ``repeats`` calls after one warm-up call."""
+    """Minimum wall-clock and CPU time of ``repeats`` calls after one warm-up call (CUDA work included)."""
     fn()
+    _sync()
     wall, cpu = [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        _sync()
         wall.append(time.perf_counter() - w0)
         cpu.append((time.process_time() - c0) / torch.get_num_threads())
         del out  # freeing the result (and a forward's autograd graph) is not part of the timed call
     return Timing(min(wall), min(cpu))
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int) -> Timing:
+def matmul_peak(dtype: torch.dtype, repeats: int, device: str = "cpu") -> Timing:
     """Seconds of a plain ``torch.mm`` of two 4096x4096 matrices (output preallocated)."""
-    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-    out = torch.empty(4096, 4096, dtype=dtype)
+    a, b = (torch.randn(4096, 4096, dtype=dtype, device=device) for _ in range(2))
+    out = torch.empty(4096, 4096, dtype=dtype, device=device)
     return best_of(lambda: torch.mm(a, b, out=out), repeats)
 
 
-def run(shape: str, dtype_name: str, repeats: int) -> dict[str, Any]:
+def run(shape: str, dtype_name: str, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """Time forward and both forward+backward variants; print the table and the target verdicts."""
     cfg = SHAPES[shape]
     torch.manual_seed(0)
-    model = build(CONNECTORS, {"type": "sva", **cfg})
+    model = build(CONNECTORS, {"type": "sva", **cfg}).to(device)
     flops = sva_flops(cfg)
     low = torch.bfloat16 if dtype_name == "bf16" else None
     feat_dtype = low or torch.float32  # bf16 towers hand bf16 features to the connector
     lens, widths = cfg["in_token_lens"], cfg["in_channels"]
-    feats = [torch.randn(1, n, h, dtype=feat_dtype) for n, h in zip(lens, widths, strict=True)]
-    grad = torch.randn(1, cfg["token_len"], cfg["out_dim"], dtype=low or torch.float32)
+    feats = [torch.randn(1, n, h, dtype=feat_dtype, device=device) for n, h in zip(lens, widths, strict=True)]
+    grad = torch.randn(1, cfg["token_len"], cfg["out_dim"], dtype=low or torch.float32, device=device)
 
     def forward() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low is not None):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=low is not None):
             return model(feats).tokens
 
     def train_step() -> None:
@@ -145,14 +152,14 @@ def run(shape: str, dtype_name: str, repeats: int) -> dict[str, Any]:
             f.grad = None
         forward().backward(grad)
 
-    peak = matmul_peak(low or torch.float32, repeats + 1)
+    peak = matmul_peak(low or torch.float32, repeats + 1, device)
     fwd = best_of(forward, repeats)
     steps = {}
     for needs_grad in (False, True):
         for f in feats:
             f.requires_grad_(needs_grad)
         steps[needs_grad] = best_of(train_step, repeats)
-    peak_after = matmul_peak(low or torch.float32, repeats + 1)
+    peak_after = matmul_peak(low or torch.float32, repeats + 1, device)
     peak = Timing(min(peak.wall, peak_after.wall), min(peak.cpu, peak_after.cpu))
 
     eff_target, ratio_target = TARGETS[dtype_name]
@@ -161,8 +168,8 @@ def run(shape: str, dtype_name: str, repeats: int) -> dict[str, Any]:
     ideal = {g: step_flops[g] / flops["executed"] for g in (False, True)}
     labels = {False: "fwd+bwd, features frozen (stage 1)", True: "fwd+bwd, features require grad"}
     result: dict[str, Any] = {}
-    print(f"\n[{dtype_name}] forward executes {flops['executed'] / 1e9:.1f} GFLOP")
-    for clock in ("wall", "cpu"):
+    print(f"\n[{dtype_name} on {device}] forward executes {flops['executed'] / 1e9:.1f} GFLOP")
+    for clock in ("wall", "cpu") if device == "cpu" else ("wall",):
         pk = mm_flops / getattr(peak, clock) / 1e9
         t_fwd = getattr(fwd, clock)
         eff = flops["executed"] / t_fwd / 1e9 / pk
@@ -213,7 +220,15 @@ def main() -> None:
         help="tuned (default, what the cambrian commands use): glibc keeps freed memory in the heap, so large "
         "tensors are not page-faulted in on every allocation; system: glibc's defaults",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default; the issue's targets are CPU targets) or cuda, for information",
+    )
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        # fp32 matmuls in full fp32, as on the CPU; TF32 would change what "the fp32 peak" means
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.allocator == "system":
         os.environ[ENV] = "system"
     tuned = tune_cpu_allocator()
@@ -227,7 +242,7 @@ def main() -> None:
         f"needs {flops['reference'] / 1e9:.1f} G ({flops['reference'] / flops['executed']:.2f}x)"
     )
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
-        run(shape, name, args.repeats)
+        run(shape, name, args.repeats, args.device)
 
 
 if __name__ == "__main__":

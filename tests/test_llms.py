@@ -54,6 +54,46 @@ def test_forward_and_contract(built):
     torch.testing.assert_close(out2.logits, out.logits)
 
 
+def test_one_cached_step_equals_the_full_forward(built):
+    """The KV cache reaches the LLM under the name its forward takes (an unknown keyword is dropped silently
+    by transformers, which would decode every step without the prompt)."""
+    _, llm = built
+    ids = torch.randint(0, len(llm.tokenizer), (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = llm.model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        pre = llm.model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache = getattr(pre, "cache", None) or pre.past_key_values
+        step = llm.model(
+            input_ids=ids[:, 6:], attention_mask=mask, use_cache=True, **{llm.cache_keyword: cache}
+        )
+    torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    from cambrian_core.model.llm import _cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, *args, **kwargs): ...
+
+    assert _cache_keyword(Old) == "past_key_values"
+    assert _cache_keyword(New) == "cache"
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    installed = (
+        "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    )
+    assert _cache_keyword(Wrapper) == installed  # **kwargs only: the installed transformers' convention
+
+
 def test_save_rebuild_identical_logits(built, tmp_path):
     name, llm = built
     kwargs = llm.save_pretrained(str(tmp_path / "llm"))

@@ -43,6 +43,15 @@ def test_wheel_ships_packages_prompts_and_configs(tmp_path: Path) -> None:
         "cambrian_core/py.typed",
     ):
         assert member in names, member
+    # every module of the checkout is in the wheel (a folder without __init__.py is silently left out)
+    sources = {
+        f"cambrian_core/{p.relative_to(REPO / 'cambrian_core')}"
+        for p in (REPO / "cambrian_core").rglob("*.py")
+    }
+    sources |= {
+        f"cambrian_plugins/{p.relative_to(REPO / 'plugins')}" for p in (REPO / "plugins").rglob("*.py")
+    }
+    assert sources - names == set()
     assert not any(n.startswith("plugins/") for n in names), "built-ins must install as cambrian_plugins"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -321,3 +321,29 @@ def test_the_per_batch_fallback_still_serves(model):
         assert all(r.completion_tokens == 5 for r in out)
     finally:
         eng.shutdown()
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_batches_like_solo_runs(tmp_path):
+    """Left padding, cache merging and trimming on the GPU. In fp64, so that a different cuBLAS kernel for a
+    batch of 4 than for 1 cannot flip a near-tie of the random tiny model's logits (fp32 does, on an H100)."""
+    import torch
+
+    from cambrian_core.model.io import load_model
+
+    cuda_model = load_model(save_tiny_model(tmp_path / "tiny-cuda", seed=2)).to("cuda", torch.float64).eval()
+    solo = InferenceEngine(cuda_model, name="solo-cuda", max_batch_size=1)
+    many = InferenceEngine(cuda_model, name="cuda", max_batch_size=8, batch_wait=0.01)
+    try:
+        jobs = [(q, [image(30 + 9 * k, 40, seed=k)] if k % 2 == 0 else []) for k, q in enumerate(QUESTIONS)]
+        one = [solo.generate(q, imgs, max_new_tokens=12, min_tokens=12) for q, imgs in jobs]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            batched = list(
+                pool.map(lambda j: many.generate(j[0], j[1], max_new_tokens=12, min_tokens=12), jobs)
+            )
+        assert [r.text for r in batched] == [r.text for r in one]
+        assert all(r.completion_tokens == 12 for r in batched)
+        assert next(cuda_model.parameters()).device.type == "cuda"
+    finally:
+        solo.shutdown()
+        many.shutdown()

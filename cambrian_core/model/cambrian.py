@@ -478,8 +478,8 @@ class CambrianModel(nn.Module):
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
             position_ids=positions[:, None],
-            cache=cache,
             use_cache=True,
+            **{self.llm.cache_keyword: cache},
         )
         return out.logits[:, -1].float()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -56,6 +58,15 @@ class LanguageModel(nn.Module):
         return int(self.model.config.hidden_size)
 
     @property
+    def cache_keyword(self) -> str:
+        """Name under which the causal LM's forward takes a KV cache: ``cache`` (transformers >= 5.2x) or
+        ``past_key_values`` (earlier releases, which silently drop an unknown ``cache=`` keyword)."""
+        model = self.model
+        if callable(getattr(model, "get_base_model", None)):  # a PEFT wrapper
+            model = model.get_base_model()
+        return _cache_keyword(type(model))
+
+    @property
     def decoder_layers(self) -> nn.ModuleList:
         """The transformer blocks, in order."""
         return self.model.get_decoder().layers
@@ -94,3 +105,15 @@ class LanguageModel(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = head(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep])
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    # a wrapper taking **kwargs only (PEFT, say): the installed transformers' own convention
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
