@@ -25,7 +25,7 @@ from cambrian_core.model.checks import STAGES, check_model_config, connector_con
 from cambrian_core.model.connector import Connector
 from cambrian_core.model.llm import LanguageModel
 from cambrian_core.model.masks import grid_masks, real_extents
-from cambrian_core.model.samplers import SamplerContext, activate, install_hooks
+from cambrian_core.model.samplers import SamplerContext, activate, install_hooks, recompute_context
 from cambrian_core.model.splice import SplicedBatch, build_image_blocks, splice
 from cambrian_core.model.stages import group_of, parameter_table
 from cambrian_core.model.template import IMAGE_TOKEN, Message
@@ -202,10 +202,11 @@ class CambrianModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Recompute LLM decoder layers and in-LLM samplers in backward instead of storing activations."""
         hf = self.llm.model
-        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (non-reentrant by default)
-            hf.activation_checkpointing_enable()
+        kwargs = {"use_reentrant": False, "context_fn": recompute_context}
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cambrian_core.model.connector import Connector
 
-__all__ = ["SamplerContext", "activate", "apply_sampler", "install_hooks"]
+__all__ = ["SamplerContext", "activate", "apply_sampler", "install_hooks", "recompute_context"]
 
 _ACTIVE: ContextVar[SamplerContext | None] = ContextVar("cambrian_sampler_context", default=None)
 _HOOKED = "_cambrian_sampler_hook"
@@ -55,6 +55,18 @@ def activate(ctx: SamplerContext | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def recompute_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint`` around decoder layers: the recomputation in backward runs
+    with the sampler context of the forward it repeats.
+
+    transformers checkpoints a decoder layer's ``__call__``, forward hooks included, and recomputes it in
+    backward, after the forward's :func:`activate` block has ended; without this the recomputed layer would
+    skip its sampler and save other tensors than the forward did.
+    """
+    ctx = _ACTIVE.get()
+    return contextlib.nullcontext(), (activate(ctx) if ctx is not None else contextlib.nullcontext())
 
 
 def apply_sampler(hidden: torch.Tensor, ctx: SamplerContext, index: int) -> torch.Tensor:

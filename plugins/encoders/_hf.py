@@ -51,6 +51,9 @@ class HFVisionEncoder(PluginEncoder):
     an integer takes ``hidden_states[select_layer]`` (0 = embeddings, -1 = last block, before the final norm).
     """
 
+    #: config keys the model reads although some transformers releases do not declare them on the config class
+    extra_config_keys: frozenset[str] = frozenset()
+
     def __init__(
         self,
         path: str | None,
@@ -130,6 +133,7 @@ class HFVisionEncoder(PluginEncoder):
         config = dict(config or {})
         model_class, config_class = self._classes(config.pop("model_type", None))
         known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+        known |= self.extra_config_keys
         for key in config:
             if key not in known:
                 hint = suggest(key, sorted(known))

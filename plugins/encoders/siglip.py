@@ -107,6 +107,9 @@ class SiglipHFEncoder(HFVisionEncoder):
     """
 
     family = "siglip_hf"
+    extra_config_keys = frozenset(
+        {"vision_use_head"}
+    )  # read with hasattr() before transformers 5.2x declared it
     image_mean = HALF_MEAN
     image_std = HALF_STD
 
