@@ -17,7 +17,11 @@ around the GEMMs (LayerNorms, GELUs, window bookkeeping, autocast's weight casts
 The cambrian commands keep freed memory in the process heap (``cambrian_core.cpu_allocator``), so large
 tensors are not page-faulted in on every allocation; ``--allocator system`` measures glibc's defaults.
 
-Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--device cuda]
+Both variants are timed by default: eager PyTorch and the connector under ``torch.compile`` (what
+``schedule.compile_connector`` trains with; the compilation happens in the untimed warm-up call).
+
+Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--variants eager,compiled]
+          [--device cuda]
 """
 
 from __future__ import annotations
@@ -130,11 +134,15 @@ def matmul_peak(dtype: torch.dtype, repeats: int, device: str = "cpu") -> Timing
     return best_of(lambda: torch.mm(a, b, out=out), repeats)
 
 
-def run(shape: str, dtype_name: str, repeats: int, device: str = "cpu") -> dict[str, Any]:
+def run(
+    shape: str, dtype_name: str, repeats: int, device: str = "cpu", compiled: bool = False
+) -> dict[str, Any]:
     """Time forward and both forward+backward variants; print the table and the target verdicts."""
     cfg = SHAPES[shape]
     torch.manual_seed(0)
     model = build(CONNECTORS, {"type": "sva", **cfg}).to(device)
+    if compiled:  # what CambrianModel.compile_connector / schedule.compile_connector do
+        model.compile()
     flops = sva_flops(cfg)
     low = torch.bfloat16 if dtype_name == "bf16" else None
     feat_dtype = low or torch.float32  # bf16 towers hand bf16 features to the connector
@@ -168,7 +176,8 @@ def run(shape: str, dtype_name: str, repeats: int, device: str = "cpu") -> dict[
     ideal = {g: step_flops[g] / flops["executed"] for g in (False, True)}
     labels = {False: "fwd+bwd, features frozen (stage 1)", True: "fwd+bwd, features require grad"}
     result: dict[str, Any] = {}
-    print(f"\n[{dtype_name} on {device}] forward executes {flops['executed'] / 1e9:.1f} GFLOP")
+    variant = "torch.compile" if compiled else "eager"
+    print(f"\n[{dtype_name} on {device}, {variant}] forward executes {flops['executed'] / 1e9:.1f} GFLOP")
     for clock in ("wall", "cpu") if device == "cpu" else ("wall",):
         pk = mm_flops / getattr(peak, clock) / 1e9
         t_fwd = getattr(fwd, clock)
@@ -221,6 +230,12 @@ def main() -> None:
         "tensors are not page-faulted in on every allocation; system: glibc's defaults",
     )
     parser.add_argument(
+        "--variants",
+        default="eager,compiled",
+        help="comma-separated: eager (plain PyTorch) and/or compiled (torch.compile, as "
+        "schedule.compile_connector trains; its warm-up call includes the compilation, which is not timed)",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="cpu (default; the issue's targets are CPU targets) or cuda, for information",
@@ -241,8 +256,13 @@ def main() -> None:
         f"analytic forward FLOPs: executed {flops['executed'] / 1e9:.1f} G; the reference algorithm as written "
         f"needs {flops['reference'] / 1e9:.1f} G ({flops['reference'] / flops['executed']:.2f}x)"
     )
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"eager", "compiled"}
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; use eager and/or compiled")
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
-        run(shape, name, args.repeats, args.device)
+        for variant in variants:
+            run(shape, name, args.repeats, args.device, compiled=variant == "compiled")
 
 
 if __name__ == "__main__":

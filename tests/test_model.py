@@ -657,3 +657,32 @@ def _twice(blocks):
     if blocks is None:
         return None
     return ImageBlocks(blocks.embeds.repeat(2, 1), blocks.lengths.repeat(2), blocks.cells.repeat(2))
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+def test_compiled_connector_gives_the_eager_loss_gradients_and_state_dict():
+    """``compile_connector`` changes how the connector runs (its forward and the in-LLM samplers), not the maths
+    or the parameter names."""
+    import torch._dynamo.utils
+
+    sva = {"type": "sva", **CONNECTORS.get("sva").tiny_config()}  # windows of 1 and 2, 2 in-LLM samplers
+    runs = []
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        model = make(seed=5, connector=sva).train()
+        if compiled:
+            model.compile_connector()
+        loss = model(**inputs(model)).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, list(model.state_dict())))
+    (loss_e, grads_e, keys_e), (loss_c, grads_c, keys_c) = runs
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    )  # the forward and the samplers compiled
+    assert keys_c == keys_e  # no `_orig_mod.` prefixes: checkpoints stay interchangeable
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and any(n.startswith("connector.") for n in grads_c)
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -242,6 +242,18 @@ def test_gradient_checkpointing_and_bf16_autocast(records: Path, tmp_path: Path)
     assert bf16["losses"] == pytest.approx(plain["losses"], rel=2e-2) and bf16["losses"] != plain["losses"]
 
 
+def test_compile_connector_is_applied_before_training(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cambrian_core.model.cambrian import CambrianModel
+
+    calls = []  # what compiling does to the maths: test_model's compiled-connector test
+    monkeypatch.setattr(CambrianModel, "compile_connector", lambda self, **kw: calls.append(self.training))
+    run(train_cfg(records, tmp_path, schedule={"max_steps": 1, "compile_connector": True}))
+    assert len(calls) == 1
+    assert "connector compiled with torch.compile" in (tmp_path / "train.log").read_text()
+
+
 def test_eval_section_scores_a_vqa_dev_split_during_training(records: Path, tmp_path: Path) -> None:
     out = run(
         train_cfg(

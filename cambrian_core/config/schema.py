@@ -94,7 +94,8 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     """Length and shape of the run (``max_steps`` > 0 overrides ``epochs``; ``scheduler``: cosine, linear,
-    constant, after ``warmup_ratio`` of the updates; ``eval_interval`` 0 = evaluate only at the end)."""
+    constant, after ``warmup_ratio`` of the updates; ``eval_interval`` 0 = evaluate only at the end;
+    ``compile_connector``: run the connector through ``torch.compile``, see ``CambrianModel.compile_connector``)."""
 
     epochs: int = 1
     max_steps: int = -1
@@ -105,6 +106,7 @@ class ScheduleSection:
     clip_grad: float | None = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    compile_connector: bool = False
     eval_interval: int = 0
     eval_max_batches: int = 0
 

@@ -209,6 +209,12 @@ class CambrianModel(nn.Module):
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.gradient_checkpointing = True
 
+    def compile_connector(self, **compile_kwargs: Any) -> None:
+        """Run the connector (and its in-LLM samplers) through ``torch.compile``, in place: parameter names and
+        the saved state dict do not change. The first batch of each new shape pays the compilation (tens of
+        seconds); ``benchmarks/bench_sva.py`` measures what it gains (eager vs compiled, same run)."""
+        self.connector.compile(**compile_kwargs)
+
     def gradient_checkpointing_disable(self) -> None:
         """Store activations again."""
         hf = self.llm.model

@@ -305,6 +305,9 @@ class TrainRecipe:
             self.announce("setup: " + apply_lora(model, self.lora, self.runner.device))
         if self.sched.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.sched.compile_connector:
+            self.announce("setup: connector compiled with torch.compile (the first steps include compiling)")
+            model.compile_connector()
         self.cached = bool(self.data.feature_cache)
         if self.cached:
             trainable = [

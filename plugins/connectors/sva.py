@@ -203,6 +203,13 @@ class SVAConnector(Connector):
             "stride_of_vision_sampler_layers": 1,
         }
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile`` for the connector's forward and for each in-LLM sampler (``llm_sample`` calls
+        them directly, not through ``forward``)."""
+        super().compile(*args, **kwargs)
+        for sampler in getattr(self, "vision_sampler_layers", ()):
+            sampler.compile(*args, **kwargs)
+
     def project_towers(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-tower ``Linear -> GELU -> Linear -> LayerNorm`` to C: ``[N_img, N_t, C]`` each."""
         return [getattr(self, f"mm_projector_aux_{t}")(f) for t, f in enumerate(features)]
