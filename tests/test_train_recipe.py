@@ -252,6 +252,14 @@ def test_compile_connector_is_applied_before_training(
     run(train_cfg(records, tmp_path, schedule={"max_steps": 1, "compile_connector": True}))
     assert len(calls) == 1
     assert "connector compiled with torch.compile" in (tmp_path / "train.log").read_text()
+    with pytest.raises(
+        ConfigError, match=r"schedule\.compile_connector: is supported with the single and fsdp"
+    ):
+        run(
+            train_cfg(
+                records, tmp_path / "ds", runner={"type": "deepspeed"}, schedule={"compile_connector": True}
+            )
+        )
 
 
 def test_eval_section_scores_a_vqa_dev_split_during_training(records: Path, tmp_path: Path) -> None:

@@ -214,6 +214,16 @@ class TrainRecipe:
         stage = self.cfg.get("stage")
         if stage is not None and stage not in ("pretrain", "finetune", "full"):
             problems.append(Problem("stage", f"{stage!r} is not a stage; choose pretrain, finetune or full"))
+        runner_type = (self.cfg.get("runner") or {}).get("type", "single")
+        if self.sched.compile_connector and runner_type in ("deepspeed", "xla"):
+            problems.append(
+                Problem(
+                    "schedule.compile_connector",
+                    f"is supported with the single and fsdp runners, not runner.type={runner_type!r} "
+                    "(DeepSpeed gathers ZeRO-3 parameters in hooks that torch.compile does not trace; XLA compiles "
+                    "the whole step itself); remove it or switch runners",
+                )
+            )
         if problems:
             raise ConfigError(problems, str(self.config_path) if self.config_path else None)
         self.work_dir.mkdir(parents=True, exist_ok=True)
