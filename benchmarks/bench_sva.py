@@ -151,7 +151,7 @@ def run(
     grad = torch.randn(1, cfg["token_len"], cfg["out_dim"], dtype=low or torch.float32, device=device)
 
     def forward() -> torch.Tensor:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=low is not None):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low is not None):
             return model(feats).tokens
 
     def train_step() -> None:

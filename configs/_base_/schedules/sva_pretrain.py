@@ -9,6 +9,7 @@ optim = dict(
     scale_lr_by_batch=True,
     base_batch_size=512,
 )
+# compile_connector=True roughly halves the SVA's step time on an H100 (docs/training.md; single / fsdp runners)
 schedule = dict(
     epochs=1, warmup_ratio=0.06, scheduler="cosine", precision="bf16", gradient_checkpointing=True, clip_grad=1.0
 )
