@@ -110,6 +110,21 @@ def test_unknown_top_level_section() -> None:
         load_config(CFG / "toy_leaf.py", {"schedul": {"epochs": 2}})
 
 
+def test_lora_section_is_checked_at_load_and_may_be_off() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CFG / "toy_leaf.py", ["lora.rr=8", "lora.dropout=high"])
+    msg = str(info.value)
+    assert "--cfg-options: lora.rr: unknown key; did you mean `r`?" in msg
+    assert "lora.dropout: expected float, got 'high'" in msg
+    assert load_config(CFG / "toy_leaf.py", {"lora": None, "eval": None}).lora is None
+    assert load_config(CFG / "toy_leaf.py", ["lora.r=8"]).lora.r == 8
+
+
+def test_unused_sections_are_not_accepted_silently() -> None:
+    with pytest.raises(ConfigError, match="serve: unknown top-level key"):
+        load_config(CFG / "toy_leaf.py", {"serve": {"port": 1}})
+
+
 def test_missing_file() -> None:
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(CFG / "nope.py")

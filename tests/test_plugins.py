@@ -89,6 +89,16 @@ def test_third_party_component_and_config_dir(tmp_path: Path) -> None:
     @hookimpl
     def cambrian_config_dirs():
         return {{"thirdparty": {str(cfg_dir)!r}}}
+
+    def _count(args):
+        print("registered metrics:", args.prefix, len(args.prefix) * 2)
+        return 3 if args.prefix == "fail" else 0
+
+    @hookimpl
+    def cambrian_cli_commands(subparsers):
+        cmd = subparsers.add_parser("third-count", help="a command from a plugin")
+        cmd.add_argument("prefix")
+        cmd.set_defaults(func=_count)
     """
     _fake_dist(tmp_path, "thirdparty", "thirdparty_mod", src, "thirdparty")
     out = _run(["plugins", "list", "--kind", "metrics"], tmp_path)
@@ -98,6 +108,11 @@ def test_third_party_component_and_config_dir(tmp_path: Path) -> None:
     show = _run(["config", "show", str(user_cfg)], tmp_path)
     assert show.returncode == 0, show.stderr
     assert "seed = 1234" in show.stdout
+    # the plugin's subcommand: listed in --help, dispatched with its arguments, its exit status kept
+    assert "third-count" in _run(["--help"], tmp_path).stdout
+    ran = _run(["third-count", "abc"], tmp_path)
+    assert ran.returncode == 0 and "registered metrics: abc 6" in ran.stdout, ran.stderr
+    assert _run(["third-count", "fail"], tmp_path).returncode == 3
 
 
 def test_help_lists_only_working_subcommands() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,18 @@ def test_stage1_losses_with_cache_equal_without(
     cached = run(train_cfg(records, tmp_path / "cached", data={"feature_cache": str(cache_dir)}, **over))
     assert len(list(cache_dir.glob("*/meta.json"))) == 2  # one folder per tower
     assert cached["losses"] == pytest.approx(live["losses"], rel=2e-3)
+    # the size was estimated and announced before the build; it matches what landed on disk
+    log = (tmp_path / "cached" / "train.log").read_text()
+    announced = re.findall(
+        r"building (\d+) of (\d+) images x \[(\d+), (\d+)\] bf16 = ([\d.]+) KiB in (\S+) \(", log
+    )
+    assert len(announced) == 2, log
+    for todo, total, tokens, width, kib, folder in announced:
+        assert todo == total == "16"
+        estimate = int(todo) * int(tokens) * int(width) * 2
+        assert float(kib) == pytest.approx(estimate / 1024, abs=0.05)
+        on_disk = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        assert estimate <= on_disk <= estimate * 1.25  # shard headers are all that is not counted
 
     def no_build(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")

@@ -109,6 +109,73 @@ def test_lora_finetune_trains_adapters_and_exports_merged(records: Path, tmp_pat
     assert not torch.equal(model.state_dict()[key], base.state_dict()[key])  # the adapter was merged in
 
 
+def test_qlora_off_cuda_says_what_it_needs(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = train_cfg(
+        records,
+        tmp_path,
+        stage="finetune",
+        model=tiny_model_cfg(stage="finetune"),
+        lora={"r": 4, "qlora": True},
+        schedule={"max_steps": 1},
+    )
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match=r"lora.qlora=True needs bitsandbytes: pip install bitsandbytes"):
+        run(cfg)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # installed
+    with pytest.raises(RuntimeError, match=r"lora.qlora=True needs a CUDA device .* this run uses cpu"):
+        run(cfg)
+
+
+def _trainable(out: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out["last_checkpoint"]) / "trainable.safetensors"))
+
+
+def test_grad_accum_equals_one_larger_batch(records: Path, tmp_path: Path) -> None:
+    def train(batch: int, accum: int) -> dict:  # one update over the whole epoch: the order cannot matter
+        return run(
+            train_cfg(
+                records,
+                tmp_path / f"b{batch}x{accum}",
+                data={"batch_size": batch},
+                optim={"type": "SGD", "lr": 0.5},
+                schedule={"max_steps": 1, "grad_accum": accum, "clip_grad": None},
+                checkpoint={"interval": 100},
+            )
+        )
+
+    one, accumulated = train(16, 1), train(4, 4)  # the 16 image samples of the pretrain stage
+    assert accumulated["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a, b = _trainable(one), _trainable(accumulated)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    lone = _trainable(train(4, 1))  # a quarter of the data moves the weights elsewhere
+    assert any(not torch.allclose(lone[n], a[n], rtol=1e-3, atol=1e-5) for n in a)
+
+
+def test_clip_grad_bounds_the_update(records: Path, tmp_path: Path) -> None:
+    def train(lr: float, clip: float | None, name: str) -> dict:
+        return run(
+            train_cfg(
+                records,
+                tmp_path / name,
+                optim={"type": "SGD", "lr": lr},
+                schedule={"max_steps": 1, "clip_grad": clip},
+                checkpoint={"interval": 100},
+            )
+        )
+
+    start = _trainable(train(0.0, None, "start"))  # lr 0: the initial weights
+    clipped = train(1.0, 1e-3, "clipped")
+    rows = [json.loads(line) for line in (tmp_path / "clipped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] > 1e-2 for r in rows if r["split"] == "train"] == [True]  # logged before clipping
+    moved = _trainable(clipped)
+    step = torch.sqrt(sum(((moved[n] - start[n]) ** 2).sum() for n in start))
+    assert float(step) == pytest.approx(1e-3, rel=1e-3)  # SGD, lr 1: the update is the clipped gradient
+
+
 def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
     from mmengine.config import Config
 

@@ -29,6 +29,7 @@ __all__ = [
     "DataSection",
     "EvalSection",
     "LogSection",
+    "LoraSection",
     "OptimSection",
     "Problem",
     "ScheduleSection",
@@ -154,6 +155,28 @@ class EvalSection:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoraSection:
+    """LoRA on the LLM through peft (reference §C.2 defaults: r 64, alpha 16, dropout 0.05, every linear layer);
+    ``qlora``: the decoder's linear layers in bitsandbytes 4-bit NF4 first (CUDA only), computing in
+    ``compute_dtype``. See :mod:`cambrian_core.train.lora`."""
+
+    r: int = 64
+    alpha: int | float = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    qlora: bool = False
+    compute_dtype: str = "bfloat16"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LoraSection:
+        """The section from a config dict (unknown keys are an error naming the accepted ones)."""
+        problems = _check_dataclass(cls, cfg, "lora")
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()})
+
+
 #: top-level key -> dataclass (plain section) or registry kind (component section) or a python type
 SECTIONS: dict[str, Any] = {
     "model": "models",
@@ -163,16 +186,17 @@ SECTIONS: dict[str, Any] = {
     "schedule": ScheduleSection,
     "checkpoint": CheckpointSection,
     "log": LogSection,
-    "lora": dict,
+    "lora": LoraSection,
     "stage": str,
     "work_dir": str,
     "seed": int,
     "resume": (str, bool, type(None)),
     "load_from": (str, type(None)),
     "eval": EvalSection,
-    "convert": dict,
-    "serve": dict,
 }
+
+#: sections that may be set to ``None`` (the feature off, as when the key is absent)
+OPTIONAL_SECTIONS = {"lora", "eval"}
 
 
 def register_section(name: str, spec: Any) -> None:
@@ -222,7 +246,7 @@ def _check_dataclass(spec: type, value: Any, key: str) -> list[Problem]:
 
 
 def _hint_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def check_component(kind: str, value: Any, key: str, supplied: tuple[str, ...] = ()) -> list[Problem]:
@@ -283,7 +307,8 @@ def validate_tree(cfg: Mapping[str, Any]) -> list[Problem]:
         elif isinstance(spec, str):
             out += check_component(spec, value, key)
         elif dataclasses.is_dataclass(spec):
-            out += _check_dataclass(spec, value, key)
+            if value is not None or key not in OPTIONAL_SECTIONS:
+                out += _check_dataclass(spec, value, key)
         elif not isinstance(value, spec):
             out.append(Problem(key, f"expected {getattr(spec, '__name__', spec)}, got {value!r}"))
     return out

@@ -9,36 +9,20 @@ At export the adapter is merged back (LoRA), or saved on its own next to the mod
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
+
+from cambrian_core.config.schema import LoraSection
 
 __all__ = ["LoraSettings", "apply_lora", "export_lora", "quantize_4bit"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """The ``lora`` config section."""
-
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
-    qlora: bool = False
-    compute_dtype: str = "bfloat16"
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> LoraSettings:
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(cfg) - set(names))
-        if unknown:
-            raise ValueError(f"lora: unknown keys {unknown}; accepted: {', '.join(names)}")
-        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()})
+#: the ``lora`` config section (defined with the other sections, so the config check sees its keys)
+LoraSettings = LoraSection
 
 
 def _require_peft() -> Any:
