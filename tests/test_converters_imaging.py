@@ -333,6 +333,28 @@ def test_lld_multi_phase_sample(lld_tree, tmp_path):
     assert rec["conversations"][1]["value"].startswith("Multi-phase liver MRI (T2-weighted, pre-contrast")
 
 
+def test_lld_class_from_the_classification_labels_when_annotation_has_none(tmp_path):
+    src = tmp_path / "lld"
+    path = src / "images" / "MR200001" / "7" / "s-v.nii.gz"
+    path.parent.mkdir(parents=True)
+    nib.save(_volume("example4d.nii.gz", 0), path)
+    box = {"x_min": 50, "x_max": 70, "y_min": 30, "y_max": 50, "z_min": 9, "z_max": 11}
+    lesion = {"0": {"bbox": {"3D_box": box}}}  # no category: the class comes from labels.txt
+    series = {"studyUID": "7", "seriesUID": "s-v", "phase": "C+V", "annotation": {"lesion": lesion}}
+    (src / "labels").mkdir()
+    ann = {"Annotation_info": {"MR200001": [series], "MR200002": [{**series, "seriesUID": "gone"}]}}
+    (src / "labels" / "Annotation.json").write_text(json.dumps(ann))
+    labels = src / "classification_dataset" / "labels" / "labels.txt"
+    labels.parent.mkdir(parents=True)
+    labels.write_bytes(b"MR200001 2\r\nMR200002 6\r\nmalformed line\r\n")  # CRLF, as in one public copy
+    summary, records, _ = _run("lld_mmri", src, tmp_path / "out")
+    assert summary.converted == 1
+    qa = _qa(_by_case(records)["MR200001/lesion0/C+V"]["instruct"])
+    assert qa["Is the liver lesion benign or malignant?"] == "Benign."  # class 2: hepatic abscess
+    caption = _by_case(records)["MR200001/lesion0/C+V"]["caption"]["conversations"][1]["value"]
+    assert "hepatic abscess" in caption
+
+
 # ------------------------------------------------------------------------------------------------ MAMA-MIA
 
 MAMA_COLUMNS = [

@@ -232,3 +232,37 @@ def test_pickled_objects_are_refused(tmp_path, state):
 def test_a_folder_without_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     _expect_failure(tmp_path / "empty", tmp_path / "full", "no per-rank shard files")
+
+
+def test_a_rank_given_twice_is_named(tmp_path, state):
+    src = write_ranks(xla_fsdp_checkpoints(state, 2, [], flatten=True), tmp_path / "ckpt")
+    (src / "model_ckpt_rank-1-of-2.pth").write_bytes(
+        (src / "model_ckpt_rank-00000001-of-00000002.pth").read_bytes()
+    )
+    _expect_failure(src, tmp_path / "full", r"ranks 1 appear more than once")
+
+
+def test_a_parameter_produced_twice_is_named(tmp_path, state):
+    payloads = xla_fsdp_checkpoints(state, 2, NESTED, flatten=False)
+    meta = payloads[0]["shard_metadata"]["shard_info"][f"{WRAPPED}.model.layers.0"]
+    shard = next(s for s, info in meta.items() if "q_proj" in info["_orig_name"])
+    # the same parameter also saved unsharded (a module wrapped twice, or a stale key)
+    name = f"{WRAPPED}.model.layers.0.{meta[shard]['_orig_name']}"
+    for p in payloads:
+        p["model"][name] = state["model.layers.0.self_attn.q_proj.weight"].clone()
+    _expect_failure(
+        write_ranks(payloads, tmp_path / "ckpt"),
+        tmp_path / "full",
+        r"parameters produced more than once: model\.layers\.0\.self_attn\.q_proj\.weight \(from ",
+    )
+
+
+def test_unsharded_entries_that_differ_between_ranks_are_named(tmp_path, state):
+    buffers = {"model.extra_buffer": (torch.arange(6, dtype=torch.float32), torch.float32)}
+    payloads = xla_fsdp_checkpoints(state, 2, NESTED, flatten=True, buffers=buffers)
+    payloads[1]["model"][f"{WRAPPED}.model.extra_buffer"] += 1  # rank 1 saved at another step
+    _expect_failure(
+        write_ranks(payloads, tmp_path / "ckpt"),
+        tmp_path / "full",
+        rf"unsharded entries that differ between ranks .*: {WRAPPED}\.model\.extra_buffer",
+    )

@@ -22,7 +22,7 @@ from cambrian_core.data.generators.openai_chat import GenerationError, OpenAIGen
 from cambrian_core.data.generators.structured import OutputError, output_schema, parse_output
 from cambrian_core.data.prompts import PromptError, available_prompts, load_prompt, parse_prompt
 from cambrian_core.data.retrieval import RetrievalIndex, read_corpus
-from cambrian_core.registry import GENERATORS
+from cambrian_core.registry import DATASETS, GENERATORS, build
 
 # --------------------------------------------------------------------------------------------------------------
 # a local server speaking the chat-completions wire format
@@ -66,6 +66,8 @@ class FakeAPI:
         self.script = list(script)
         self.default = default or reply({"error": {"message": "script exhausted"}}, status=503)
         self.requests: list[dict[str, Any]] = []
+        self.in_flight = self.peak = 0  # requests being answered at once, and the most seen
+        lock = threading.Lock()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,9 +77,14 @@ class FakeAPI:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 api.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
-                step = api.script.pop(0) if api.script else api.default
+                with lock:
+                    step = api.script.pop(0) if api.script else api.default
+                    api.in_flight += 1
+                    api.peak = max(api.peak, api.in_flight)
                 if step["sleep"]:
                     time.sleep(step["sleep"])
+                with lock:
+                    api.in_flight -= 1
                 data = json.dumps(step["body"]).encode()
                 try:
                     self.send_response(step["status"])
@@ -445,39 +452,50 @@ def test_rag_with_minilm_puts_passage_in_prompt_and_provenance(
 # -- through the resumable runner -----------------------------------------------------------------------------------
 
 
+GOOD_QA = reply(completion(json.dumps({"qa": [{"question": "Modality?", "answer": "CT."}]}), 50, 7))
+
+
+def llava_set(tmp_path: Path, n: int) -> Path:
+    """A LLaVA-format source of ``n`` one-image records (ids r0, r1, ...)."""
+    rng = np.random.default_rng(3)
+    src = tmp_path / "set"
+    src.mkdir()
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"Scan {i}."}]
+        rows.append(json.dumps({"id": f"r{i}", "image": f"{i}.png", "conversations": conv}))
+    (src / "set.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return src
+
+
+def api_generator(url: str, **over: Any) -> OpenAIGenerator:
+    cfg = {
+        "type": "openai",
+        "model": "m",
+        "base_url": url,
+        "api_key": "k",
+        "max_reasks": 0,
+        "max_retries": 0,
+        "native_captions": False,
+        **over,
+    }
+    return build(GENERATORS, cfg)
+
+
 def test_openai_generator_through_runner_resumes_failed_cases(tmp_path: Path) -> None:
     import pickle
 
     from cambrian_core.data.records import iter_records
     from cambrian_core.data.runner import convert
-    from cambrian_core.registry import DATASETS, build
 
-    rng = np.random.default_rng(3)
-    src = tmp_path / "set"
-    src.mkdir()
-    rows = []
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src / f"{i}.png")
-        conv = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"Scan {i}."}]
-        rows.append(json.dumps({"id": f"r{i}", "image": f"{i}.png", "conversations": conv}))
-    (src / "set.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    good = reply(completion(json.dumps({"qa": [{"question": "Modality?", "answer": "CT."}]}), 50, 7))
+    good = GOOD_QA
+    src = llava_set(tmp_path, 2)
     out = tmp_path / "out"
 
     def run(script: list[dict]) -> Any:
         with FakeAPI(script) as api:
-            gen = build(
-                GENERATORS,
-                {
-                    "type": "openai",
-                    "model": "m",
-                    "base_url": api.url,
-                    "api_key": "k",
-                    "max_reasks": 0,
-                    "max_retries": 0,
-                    "native_captions": False,
-                },
-            )
+            gen = api_generator(api.url)
             assert pickle.loads(pickle.dumps(gen)).base_url == api.url  # spawn-safe for worker processes
             return convert(build(DATASETS, {"type": "llava", "src": str(src)}), gen, out, progress=False)
 
@@ -494,3 +512,53 @@ def test_openai_generator_through_runner_resumes_failed_cases(tmp_path: Path) ->
         {"from": "human", "value": "<image>\nModality?"},
         {"from": "gpt", "value": "CT."},
     ]
+
+
+@pytest.mark.parametrize(("workers", "per_process"), [(1, 4), (2, 2)])
+def test_runner_keeps_max_concurrency_requests_in_flight_and_sums_usage(
+    tmp_path: Path, workers: int, per_process: int
+) -> None:
+    from cambrian_core.data.records import iter_records
+    from cambrian_core.data.runner import convert
+
+    src, out = llava_set(tmp_path, 10), tmp_path / "out"
+    slow = {**GOOD_QA, "sleep": 0.5}
+    with FakeAPI([], default=slow) as api:
+        gen = api_generator(api.url, max_concurrency=per_process)
+        source = build(DATASETS, {"type": "llava", "src": str(src)})
+        summary = convert(source, gen, out, workers=workers, progress=False)
+    assert 3 <= api.peak <= 4  # workers x max_concurrency at most, and the calls really overlap
+    assert summary.converted == 10 and len(api.requests) == 10
+    ids = [r["id"] for _, r in iter_records(out / "records.jsonl")]
+    assert ids == [f"llava:r{i}:0" for i in range(10)]  # committed in the source's order
+    usage = {"requests": 10, "prompt_tokens": 500, "completion_tokens": 70}
+    assert summary.usage == usage
+    assert json.loads((out / "summary.json").read_text())["usage"] == usage
+    assert "API usage: 10 requests, 500 prompt + 70 completion tokens" in summary.format()
+
+
+def test_a_rejected_api_key_stops_the_run_and_keeps_finished_work(tmp_path: Path) -> None:
+    from cambrian_core.data.records import iter_records
+    from cambrian_core.data.runner import RunStopped, convert
+
+    src, out = llava_set(tmp_path, 6), tmp_path / "out"
+    unauthorized = reply({"error": {"message": "Incorrect API key provided"}}, status=401)
+
+    def run(script: list[dict], default: dict) -> Any:
+        with FakeAPI(script, default=default) as api:
+            gen = api_generator(api.url, max_concurrency=1)
+            try:
+                return convert(build(DATASETS, {"type": "llava", "src": str(src)}), gen, out, progress=False)
+            finally:
+                run.requests = len(api.requests)
+
+    with pytest.raises(
+        RunStopped, match=r"(?s)HTTP 401.*check the API key.*stopped after committing 2 converted"
+    ):
+        run([GOOD_QA, GOOD_QA], unauthorized)
+    assert run.requests == 3  # r2's answer stopped the run: r3..r5 were never sent
+    assert [r["id"] for _, r in iter_records(out / "records.jsonl")] == ["llava:r0:0", "llava:r1:0"]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["case_id"], r.get("retry")) for r in rejects] == [("r2", True)]
+    again = run([], GOOD_QA)  # a new key: the rerun does the rest
+    assert again.converted == 4 and again.skipped == {"already_done": 2}

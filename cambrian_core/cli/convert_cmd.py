@@ -62,7 +62,7 @@ def parse_kv(items: list[str], flag: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from cambrian_core.data.converter import LayoutError
     from cambrian_core.data.output_store import RunConflictError
-    from cambrian_core.data.runner import convert, parse_shard
+    from cambrian_core.data.runner import RunStopped, convert, parse_shard
     from cambrian_core.data.windowing import resolve_window
     from cambrian_core.registry import DATASETS, GENERATORS, build
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             max_size=args.max_size,
         )
-    except (LayoutError, RunConflictError) as exc:
+    except (LayoutError, RunConflictError, RunStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

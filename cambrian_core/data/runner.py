@@ -8,6 +8,12 @@ cases whose stable hash of ``case_id`` is ``i`` modulo ``n``; ``limit`` keeps th
 Outcomes per case: **converted** (records written, id in ``done.txt``); **rejected** (bad input or output, the
 reason in ``rejects.jsonl``, id in ``done.txt``: not retried); **failed** (an unexpected error such as a network
 failure: recorded in ``rejects.jsonl`` with ``"retry": true`` but not marked done, so a rerun retries it).
+A generator error that no later case can escape (:class:`~cambrian_core.data.generators.base.StopRun`: a rejected
+API key, a wrong endpoint) stops the run after committing what finished (:class:`RunStopped`).
+
+A generator with ``concurrency > 1`` (remote APIs) has that many cases in flight in each process (threads), in
+addition to ``workers`` processes; results are still committed in the converter's order. The records' API usage
+(``provenance.usage``) is summed into the summary, whichever process made the calls.
 """
 
 from __future__ import annotations
@@ -22,25 +28,30 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cambrian_core.data.case import Case, Reject
 from cambrian_core.data.converter import Converter
-from cambrian_core.data.generators.base import Generator
+from cambrian_core.data.generators.base import Generator, StopRun
 from cambrian_core.data.medimage import ImageLoadError, load_image, to_png_bytes
 from cambrian_core.data.output_store import OutputStore
 from cambrian_core.data.records import conversation_problem
 
-__all__ = ["Summary", "convert", "in_shard", "parse_shard"]
+__all__ = ["RunStopped", "Summary", "convert", "in_shard", "parse_shard"]
 
 log = logging.getLogger(__name__)
 
 #: PNG zlib level for rendered images (1: fast, files ~10 % larger than the default 6)
 PNG_COMPRESS_LEVEL = 1
+
+
+class RunStopped(RuntimeError):
+    """The generator said no later case can succeed; what finished is committed, a rerun continues."""
 
 
 @dataclass
@@ -61,6 +72,10 @@ class Summary:
     total_records: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    stopped: str | None = None  # why the generator stopped the run (StopRun)
+    #: API usage of the converted cases, summed from their records: requests (attempts, re-asks included),
+    #: prompt_tokens, completion_tokens; empty for generators that make no calls
+    usage: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,10 +95,18 @@ class Summary:
             lines.append(f"  failed {self.failed} with errors (not marked done: run again to retry them)")
         if any(self.skipped.values()):
             lines.append("  skipped " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()) if v))
+        if self.usage:
+            u = self.usage
+            lines.append(
+                f"  API usage: {u.get('requests', 0)} requests, {u.get('prompt_tokens', 0)} prompt + "
+                f"{u.get('completion_tokens', 0)} completion tokens"
+            )
         lines += [f"    e.g. {e}" for e in self.examples]
         lines.append(f"  folder total: {self.total_done} cases done, {self.total_records} records")
         if self.interrupted:
             lines.append("  INTERRUPTED: run the same command again to continue")
+        if self.stopped:
+            lines.append(f"  STOPPED: {self.stopped}; fix it and run the same command again to continue")
         return "\n".join(lines)
 
 
@@ -170,7 +193,7 @@ def _finalize(rec: dict, case: Case, k: int, images: list[Path], out: Path) -> d
 
 
 def _process(item: Case | Reject) -> tuple[str, str, Any]:
-    """``(case_id, "ok" | "reject" | "error", records | (kind, reason))``: never raises."""
+    """``(case_id, "ok" | "reject" | "error" | "stop", records | (kind, reason))``: never raises."""
     if isinstance(item, Reject):
         return item.case_id, "reject", ("converter", item.reason)
     conv, gen, out = _STATE["converter"], _STATE["generator"], _STATE["out"]
@@ -190,6 +213,8 @@ def _process(item: Case | Reject) -> tuple[str, str, Any]:
         return item.case_id, "reject", ("image", str(exc))
     except ValueError as exc:  # bad labels / unusable generator output
         return item.case_id, "reject", ("generator", f"{type(exc).__name__}: {exc}")
+    except StopRun as exc:
+        return item.case_id, "stop", ("error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:
         return item.case_id, "error", ("error", f"{type(exc).__name__}: {exc}")
     if not raw:
@@ -239,15 +264,45 @@ def _start_pool(workers: int, initargs: tuple) -> Any:
     return ctx.Pool(workers, initializer=_init_worker, initargs=(*initargs, os.getpid()))
 
 
+def _in_order(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``map(fn, items)`` with up to ``threads`` calls running at once (a bounded window), results in order."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="convert")
+    window: deque[Future] = deque()
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:  # a consumer that stops early (Ctrl-C, StopRun) leaves nothing queued behind
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _process_group(group: list[Case | Reject]) -> list[tuple[str, str, Any]]:
+    """A worker process's share of cases, ``generator.concurrency`` at a time."""
+    return list(_in_order(_process, group, _STATE["generator"].concurrency))
+
+
 def _results(
     todo: list[Case | Reject], workers: int, initargs: tuple, pool: Any
 ) -> Iterator[tuple[str, str, Any]]:
+    threads = max(1, int(getattr(initargs[1], "concurrency", 1)))
     if pool is None:
         _init_worker(*initargs, None)
-        yield from map(_process, todo)
+        yield from _in_order(_process, todo, threads)
         return
-    chunk = max(1, min(8, len(todo) // (workers * 16)))
-    yield from pool.imap(_process, todo, chunksize=chunk)
+    if threads > 1:  # each worker takes groups of cases and runs them on its own threads
+        size = 2 * threads
+        groups = [todo[i : i + size] for i in range(0, len(todo), size)]
+        for results in pool.imap(_process_group, groups):
+            yield from results
+    else:
+        chunk = max(1, min(8, len(todo) // (workers * 16)))
+        yield from pool.imap(_process, todo, chunksize=chunk)
     pool.close()
     pool.join()
 
@@ -269,6 +324,7 @@ def convert(
     Raises:
         LayoutError: the input as a whole is unusable (from ``converter.check_layout``).
         RunConflictError: ``out_dir`` is in use, or holds a run with other settings.
+        RunStopped: the generator raised :class:`StopRun` (after committing everything finished so far).
         KeyboardInterrupt: after committing everything finished so far.
     """
     from tqdm import tqdm
@@ -289,6 +345,7 @@ def convert(
     summary = Summary(source=converter.name, generator=generator.name, out_dir=str(out), shard=tuple(shard))
     skipped: Counter = Counter()
     rejected: Counter = Counter()
+    usage: Counter = Counter()
     initargs = (converter, generator, str(out), max_size)
     pool = None
     try:
@@ -311,6 +368,11 @@ def convert(
                     finished.append(cid)
                     summary.converted += 1
                     summary.records += len(payload)
+                    for rec in payload:
+                        spent = (rec.get("provenance") or {}).get("usage") or {}
+                        usage["requests"] += int(spent.get("attempts") or 0)
+                        usage["prompt_tokens"] += int(spent.get("prompt_tokens") or 0)
+                        usage["completion_tokens"] += int(spent.get("completion_tokens") or 0)
                     continue
                 kind, reason = payload
                 rejects.append({"source": converter.name, "case_id": cid, "reason": reason, "kind": kind})
@@ -329,6 +391,9 @@ def convert(
             for result in _results(todo, workers, initargs, pool):
                 batch.append(result)
                 bar.update(1)
+                if result[1] == "stop":
+                    summary.stopped = result[2][1]
+                    break
                 if len(batch) >= batch_size or time.monotonic() - last >= flush_seconds:
                     flush()
                     last = time.monotonic()
@@ -348,7 +413,13 @@ def convert(
         summary.total_done = len(store.done)
         summary.total_records = store.n_records
         summary.elapsed_s = round(time.monotonic() - start, 3)
+        summary.usage = {k: usage[k] for k in ("requests", "prompt_tokens", "completion_tokens")} if usage else {}
         with contextlib.suppress(OSError):
             store.write_summary(summary.to_dict())
         store.close()
+    if summary.stopped:
+        raise RunStopped(
+            f"{summary.stopped}\nstopped after committing {summary.converted} converted and "
+            f"{sum(summary.rejected.values())} rejected cases; fix the problem and run the same command again"
+        )
     return summary

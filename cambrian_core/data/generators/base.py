@@ -9,7 +9,12 @@ from typing import ClassVar
 from cambrian_core.data.case import Case
 from cambrian_core.data.converter import Converter
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "StopRun"]
+
+
+class StopRun(RuntimeError):
+    """No later case can succeed either (rejected credentials, wrong endpoint or model): the runner commits what
+    is finished and stops instead of failing case after case."""
 
 
 class Generator(abc.ABC):
@@ -17,6 +22,8 @@ class Generator(abc.ABC):
 
     name: ClassVar[str]
     prompt_version: str = "1"
+    #: cases one process generates at once (threads); I/O-bound generators (remote APIs) set it higher
+    concurrency: int = 1
 
     @abc.abstractmethod
     def generate(self, converter: Converter, case: Case, images: list[Path]) -> list[dict]:

@@ -19,15 +19,23 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ChatAPIError", "ChatClient", "ChatResult", "Usage", "resolve_setting"]
+from cambrian_core.data.generators.base import StopRun
+
+__all__ = ["ChatAPIError", "ChatClient", "ChatResult", "EndpointError", "Usage", "resolve_setting"]
 
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+#: statuses no other request will escape: the key, the URL or the model name is wrong
+_ENDPOINT_STATUS = {401, 403, 404}
 
 
 class ChatAPIError(RuntimeError):
     """A chat request failed for good (non-retryable status, or retries exhausted)."""
+
+
+class EndpointError(ChatAPIError, StopRun):
+    """The endpoint refuses every request (HTTP 401 / 403 / 404: API key, URL or model name)."""
 
 
 def resolve_setting(value: str | None, env: str, default: str | None = None) -> str | None:
@@ -178,12 +186,13 @@ class ChatClient:
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in _RETRY_STATUS:
                     self.usage.add(failures=1)
-                    hint = (
-                        " (check the API key: config `api_key` or OPENAI_API_KEY)"
-                        if resp.status_code in (401, 403)
-                        else ""
-                    )
-                    raise ChatAPIError(f"{self.url} rejected the request with {last}{hint}")
+                    hint = {
+                        401: " (check the API key: config `api_key` or OPENAI_API_KEY)",
+                        403: " (check the API key: config `api_key` or OPENAI_API_KEY)",
+                        404: f" (check `base_url` and that the server serves model {self.model!r})",
+                    }.get(resp.status_code, "")
+                    error = EndpointError if resp.status_code in _ENDPOINT_STATUS else ChatAPIError
+                    raise error(f"{self.url} rejected the request with {last}{hint}")
                 wait = _retry_after(resp.headers)
                 if wait is not None and wait > self.max_retry_after:
                     self.usage.add(failures=1)

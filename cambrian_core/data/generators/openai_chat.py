@@ -106,11 +106,13 @@ class OpenAIGenerator(Generator):
             never overrides a configured value); ``base_url`` defaults to ``https://api.openai.com/v1``.
         prompt: template name (default: the converter's ``prompt_name``); prompt_version: ``"v1"``... (default
             newest).
+        max_concurrency: requests in flight at once per process; the conversion runner also generates this many
+            cases at once in each process (threads), so ``--workers N`` sends up to ``N x max_concurrency``.
         max_tokens / temperature: sampling settings for each call.
         response_format: ``"json_schema"`` (structured output), ``"json_object"`` (JSON mode) or ``"none"`` (schema
             only described in the prompt).
         max_reasks: how often an invalid reply is sent back with its validation error before the case is rejected.
-        timeout / max_retries / backoff / max_backoff / max_concurrency / seed: transport, see
+        timeout / max_retries / backoff / max_backoff / seed: transport, see
             :class:`~.chat_client.ChatClient`.
         native_captions: also emit the source's own caption (``converter.caption``) as a stage-1 record.
         retrieval: ``{"corpus": folder, "k": 3, "index_dir": ..., "model": ..., "min_score": ...}`` enables RAG.
@@ -153,6 +155,7 @@ class OpenAIGenerator(Generator):
         self.temperature = temperature
         self.response_format = response_format
         self.max_reasks = max_reasks
+        self.concurrency = max_concurrency  # the runner keeps this many cases in flight per process
         self.native_captions = native_captions
         self.image_detail = image_detail
         self._client_args = dict(
@@ -167,6 +170,7 @@ class OpenAIGenerator(Generator):
         if self.retrieval is not None and "corpus" not in self.retrieval:
             raise ValueError("retrieval needs a `corpus` folder, e.g. retrieval=dict(corpus='refs/', k=3)")
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
         self._client: ChatClient | None = None
         self._index: Any = None
         self._templates: dict[str, PromptTemplate] = {}
@@ -176,12 +180,13 @@ class OpenAIGenerator(Generator):
     # -- lazily built parts (not pickled, so the generator can move to worker processes) ------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_client=None, _lock=None, _index=None)
+        state.update(_client=None, _lock=None, _index_lock=None, _index=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
 
     @property
     def client(self) -> ChatClient:
@@ -191,6 +196,10 @@ class OpenAIGenerator(Generator):
             return self._client
 
     def _retriever(self) -> Any:
+        with self._index_lock:
+            return self._load_index()
+
+    def _load_index(self) -> Any:
         if self._index is None:
             from cambrian_core.data.retrieval import RetrievalIndex
 
@@ -206,12 +215,13 @@ class OpenAIGenerator(Generator):
     def template(self, converter: Converter) -> PromptTemplate:
         """The prompt template used for ``converter``'s cases."""
         name = self.prompt or getattr(converter, "prompt_name", "generic")
-        if name not in self._templates:
-            version = None if self.prompt_version == "latest" else self.prompt_version
-            self._templates[name] = load_prompt(name, version)
-        # one run = one converter = one template: the runner stamps this tag into every record's provenance
-        self.prompt_version = self._templates[name].tag
-        return self._templates[name]
+        with self._lock:
+            if name not in self._templates:
+                version = None if self.prompt_version == "latest" else self.prompt_version
+                self._templates[name] = load_prompt(name, version)
+            # one run = one converter = one template: the runner stamps this tag into every record's provenance
+            self.prompt_version = self._templates[name].tag
+            return self._templates[name]
 
     def stats(self) -> dict[str, Any]:
         """Token and request counts of this run (for the run summary)."""
