@@ -413,7 +413,9 @@ def convert(
         summary.total_done = len(store.done)
         summary.total_records = store.n_records
         summary.elapsed_s = round(time.monotonic() - start, 3)
-        summary.usage = {k: usage[k] for k in ("requests", "prompt_tokens", "completion_tokens")} if usage else {}
+        summary.usage = (
+            {k: usage[k] for k in ("requests", "prompt_tokens", "completion_tokens")} if usage else {}
+        )
         with contextlib.suppress(OSError):
             store.write_summary(summary.to_dict())
         store.close()
