@@ -312,3 +312,41 @@ def test_training_hook(dicom_set: Path, tiny_model_dir: str, tmp_path: Path) -> 
     assert all(0.0 <= v <= 1.0 for k, v in values.items() if k != "jsonl/failed")
     assert logged == [(3, "vqa", values)]
     assert json.loads((tmp_path / "step-3" / "results.json").read_text())["model"] == "training step 3"
+
+
+@pytest.mark.slow
+def test_the_demo_model_answers_the_dicom_set_and_is_scored_against_the_headers(
+    dicom_set: Path, tmp_path: Path, capsys
+) -> None:
+    """``cambrian eval`` with the registered demo model (real SmolLM2-135M, real EfficientNet-Lite0) by name."""
+    from cambrian_core.cli import main
+    from cambrian_core.eval.metrics import closed_correct, token_f1
+    from cambrian_core.model.checkpoints import get_checkpoint
+
+    ok, why = get_checkpoint("cambrian-tiny-med").availability()
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / "res"
+    argv = ["eval", "jsonl", "--data", str(dicom_set), "--model", "cambrian-tiny-med", "--out", str(out)]
+    argv += ["--batch-size", "10", "--max-new-tokens", "8", "--bootstrap", "50", "--device", "cpu"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "generated 20, failed 0" in capsys.readouterr().out
+    preds = read_predictions(out)
+    items = {it.qid: it for it in load_benchmark("jsonl", dicom_set).items}
+    assert set(preds) == set(items) and all(p["completion_tokens"] >= 1 for p in preds.values())
+    assert len({p["prediction"] for p in preds.values()}) > 1  # a real LLM: not one canned reply
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "cambrian-tiny-med"
+    # the reported scores are the predictions' scores against the answers taken from the DICOM headers
+    closed = [
+        closed_correct(preds[q]["prediction"], it.answer, it.question)
+        for q, it in items.items()
+        if it.kind == "closed"
+    ]
+    f1 = [token_f1(preds[q]["prediction"], it.answer) for q, it in items.items() if it.kind == "open"]
+    metrics = results["metrics"]
+    assert metrics["closed_accuracy"]["n"] == len(closed) == 5
+    assert metrics["closed_accuracy"]["value"] == pytest.approx(sum(closed) / len(closed))
+    assert metrics["open_f1"]["value"] == pytest.approx(sum(f1) / len(f1))
+    lo, hi = metrics["open_f1"]["ci"]
+    assert lo <= metrics["open_f1"]["value"] <= hi

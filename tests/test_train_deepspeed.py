@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -21,12 +22,13 @@ STAGES = ("zero2", "zero3", "zero3_offload")
 def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
     records = write_dataset(tmp_path / "data", n=16)
     over = {"schedule": {"max_steps": 4}, "checkpoint": {"interval": 2, "export": False}}
-    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    vqa = {"eval": {"benchmark": "jsonl", "data": str(records), "limit": 3, "max_new_tokens": 4}}
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over, **vqa))
     configs = []
     for name in STAGES:
         runner = {"type": "deepspeed", "device": "cpu", "config": f"cambrian::_base_/runtime/{name}.json"}
-        export = {"checkpoint": {"interval": 2, "export": name == "zero3"}}
-        cfg = train_cfg(records, tmp_path / name, runner=runner, data={"batch_size": 2}, **{**over, **export})
+        extra = {"checkpoint": {"interval": 2, "export": name == "zero3"}, **(vqa if name == "zero3" else {})}
+        cfg = train_cfg(records, tmp_path / name, runner=runner, data={"batch_size": 2}, **{**over, **extra})
         configs.append(str(dump(cfg, tmp_path / f"{name}.py")))
     # one launch runs all three (and a resume of the offload run to 6 steps): DeepSpeed start-up is paid once
     driver = tmp_path / "driver.py"
@@ -59,6 +61,41 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
     trained = load_weights_from_checkpoint(tmp_path / "zero3" / "checkpoints" / "step_00000004")
     for key, value in trained.items():
         torch.testing.assert_close(exported[key], value)
+    # the final dev-split VQA ran on rank 0 with the model gathered from the ZeRO-3 partitions
+    scores = [
+        json.loads((tmp_path / d / "vqa_eval" / "step-4" / "results.json").read_text())["metrics"]
+        for d in ("single", "zero3")
+    ]
+    assert scores[0]["open_f1"]["n"] == 3 and scores[1] == scores[0]
+
+
+def test_the_deepspeed_launcher_starts_the_recipe(tmp_path: Path) -> None:
+    records = write_dataset(tmp_path / "data", n=16)
+    over = {"schedule": {"max_steps": 2}, "checkpoint": {"interval": 10, "export": False}}
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    runner = {"type": "deepspeed", "device": "cpu", "config": "cambrian::_base_/runtime/zero2.json"}
+    cfg = dump(
+        train_cfg(records, tmp_path / "ds", runner=runner, data={"batch_size": 2}, **over), tmp_path / "c.py"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cambrian_core.cli",
+        "train",
+        str(cfg),
+        "--launcher",
+        "deepspeed",
+        "--nproc",
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "-m deepspeed.launcher.runner --num_gpus=2 --no_local_rank --module cambrian_core.train"
+        in proc.stderr
+    )
+    assert "rank 0/2" in proc.stderr and "done: 2 steps" in proc.stdout
+    assert losses(tmp_path / "ds") == pytest.approx(single["losses"], rel=1e-5)
 
 
 def load_weights_from_checkpoint(folder: Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,12 @@ pytestmark = pytest.mark.distributed
 
 def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
     records = write_dataset(tmp_path / "data", n=16)
-    over = {"schedule": {"max_steps": 4}, "checkpoint": {"interval": 2, "export": True}}
+    vqa = {"benchmark": "jsonl", "data": str(records), "limit": 3, "max_new_tokens": 4, "batch_size": 3}
+    over = {
+        "schedule": {"max_steps": 4, "eval_interval": 2},
+        "checkpoint": {"interval": 2, "export": True},
+        "eval": vqa,
+    }
     single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
 
     cfg = dump(
@@ -57,6 +63,17 @@ def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
     assert not torch.equal(
         a["connector.mm_projector.0.weight"], torch.zeros_like(a["connector.mm_projector.0.weight"])
     )
+    # the dev-split VQA ran on rank 0 with the gathered model: the single process's answers, at every eval
+    for step in (2, 4):
+        scores = [
+            json.loads((run_dir / "vqa_eval" / f"step-{step}" / "results.json").read_text())["metrics"]
+            for run_dir in (tmp_path / "single", tmp_path / "fsdp")
+        ]
+        assert scores[0]["open_f1"]["n"] == 3 and scores[1] == scores[0], step
+    vqa_rows = [
+        r for r in map(json.loads, (tmp_path / "fsdp" / "metrics.jsonl").open()) if r["split"] == "vqa"
+    ]
+    assert [r["step"] for r in vqa_rows] == [2, 4]
 
 
 @pytest.mark.gpu

@@ -138,7 +138,8 @@ class LogSection:
 @dataclass
 class EvalSection:
     """Medical-VQA scoring of a small dev split during training, through the serving engine (the
-    ``cambrian eval`` metrics); runs with every held-out evaluation and at the end, on single-process runs.
+    ``cambrian eval`` metrics); runs with every held-out evaluation and at the end, on the main rank (sharded
+    runners gather an unsharded copy of the model there for it).
 
     ``benchmark``: vqa_rad, slake, pathvqa, pmc_vqa or jsonl; ``data``: its local folder or file; ``limit``: the
     first N items of ``split``; ``options``: extra loader keywords (e.g. ``{"lang": "en"}`` for SLAKE).

@@ -263,14 +263,10 @@ class TrainRecipe:
         if not section:
             return None
         ev = _section(EvalSection, self.cfg, "eval")
-        if self.runner.world_size > 1:
-            self.announce(
-                "setup: VQA evaluation skipped: it needs the unsharded model (score the exported model with `cambrian eval`)"
-            )
-            return None
         from cambrian_core.eval.hook import EvalHook
 
-        self.announce(f"setup: VQA evaluation on {ev.limit} items of {ev.benchmark} ({ev.data})")
+        where = " (an unsharded copy gathered on rank 0)" if self.runner.world_size > 1 else ""
+        self.announce(f"setup: VQA evaluation on {ev.limit} items of {ev.benchmark} ({ev.data}){where}")
         return EvalHook(
             ev.benchmark,
             ev.data,
@@ -711,10 +707,22 @@ class TrainRecipe:
         """The ``eval`` section's dev-split VQA metrics (greedy answers through the serving engine)."""
         if self.vqa_hook is None:
             return
-        values = self.vqa_hook(self.runner.model, self.step, self.logger)
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
-        self.logger.message(f"step {self.step}: {shown}")
-        self.history.append({"step": self.step, **{f"vqa/{k}": v for k, v in values.items()}})
+        model = self.runner.eval_model(self._adapt())  # collective on sharded runners
+        if model is not None:  # the main rank
+            values = self.vqa_hook(model, self.step, self.logger)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
+            self.logger.message(f"step {self.step}: {shown}")
+            self.history.append({"step": self.step, **{f"vqa/{k}": v for k, v in values.items()}})
+            del model
+        self.runner.barrier()  # the other ranks wait for the main one
+
+    def _adapt(self) -> Any:
+        """What a rebuilt, unsharded copy of the model needs re-applied (the LoRA adapter), or ``None``."""
+        if self.lora is None:
+            return None
+        from cambrian_core.train.lora import apply_lora
+
+        return partial(apply_lora, settings=self.lora)
 
     def save(self) -> Path:
         """A complete checkpoint of the current step (atomic; see ``checkpoint``)."""
@@ -764,16 +772,14 @@ class TrainRecipe:
     def _export(self) -> str | None:
         if not self.ckpt.export:
             return None
-        from cambrian_core.train.lora import apply_lora, export_lora
+        from cambrian_core.train.lora import export_lora
 
-        adapt = finalize = None
+        finalize = None
         if self.lora is not None:
-            settings = self.lora
-            adapt = partial(apply_lora, settings=settings)
             finalize = partial(
-                export_lora, settings=settings, adapter_dir=str(self.work_dir / "lora_adapter")
+                export_lora, settings=self.lora, adapter_dir=str(self.work_dir / "lora_adapter")
             )
-        out = self.runner.export(self.work_dir / "model", adapt, finalize)
+        out = self.runner.export(self.work_dir / "model", self._adapt(), finalize)
         if out:
             self.announce(f"cleanup: model saved to {out} (load with cambrian_core.model.io.load_model)")
         return out

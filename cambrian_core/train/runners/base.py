@@ -247,6 +247,12 @@ class Runner:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
+        """The whole trained model, for generation (the ``eval`` section's dev-split VQA), on the main rank;
+        ``None`` on the others. Sharded runners gather an unsharded copy there (collective: every rank calls it).
+        """
+        return self.unwrapped if self.is_main else None
+
     def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
         """Save the trained model with ``save_pretrained`` (main rank); returns the folder there.
 
@@ -266,7 +272,8 @@ def save_final(model: nn.Module, folder: Path, finalize: Finalize = None) -> str
 
 
 def rebuild_with(model: nn.Module, state: Mapping[str, torch.Tensor], adapt: Adapt = None) -> nn.Module:
-    """A fresh, unsharded copy of ``model``'s architecture holding ``state`` (built on the meta device)."""
+    """A fresh, unsharded CPU copy of ``model``'s architecture holding ``state`` (built on the meta device; the
+    buffers that are not in the state dict come from ``model``)."""
     from cambrian_core.registry import MODELS, build
 
     with torch.device("meta"):
@@ -275,4 +282,10 @@ def rebuild_with(model: nn.Module, state: Mapping[str, torch.Tensor], adapt: Ada
     if adapt is not None:
         adapt(fresh)
     fresh.load_state_dict(dict(state), assign=True, strict=True)
+    # buffers outside the state dict (rotary frequencies...) are not sharded: take the live model's
+    live = dict(model.named_buffers())
+    for name, buf in list(fresh.named_buffers()):
+        if buf.is_meta and name in live:
+            owner, _, attr = name.rpartition(".")
+            fresh.get_submodule(owner)._buffers[attr] = live[name].detach().to("cpu", copy=True)
     return fresh

@@ -265,15 +265,23 @@ class DeepSpeedRunner(Runner):
                 else:
                     p.copy_(t.to(p.dtype))
 
-    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
+    def _unsharded(self, adapt: Adapt) -> nn.Module | None:
+        """The model itself (ZeRO-1/2: every rank holds it) or, under ZeRO-3, an unsharded CPU copy gathered onto
+        the main rank (collective); ``None`` on the other ranks."""
         model = self.unwrapped
         if self.zero_stage < 3:
-            return save_final(model, folder, finalize) if self.is_main else None
+            return model if self.is_main else None
         state = self._gathered(list(model.named_parameters()))
         buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in model.state_dict()}
-        if not self.is_main:
-            return None
-        return save_final(rebuild_with(model, {**state, **buffers}, adapt), folder, finalize)
+        return rebuild_with(model, {**state, **buffers}, adapt) if self.is_main else None
+
+    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
+        copy = self._unsharded(adapt)
+        return None if copy is None else copy.to(self.device)
+
+    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
+        copy = self._unsharded(adapt)
+        return None if copy is None else save_final(copy, folder, finalize)
 
 
 def register(registries: Any) -> None:

@@ -130,15 +130,22 @@ class FSDPRunner(Runner):
         )
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
+    def _unsharded(self, adapt: Adapt) -> nn.Module | None:
+        """An unsharded CPU copy of the model on the main rank (collective)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        if not self.is_main:
-            return None
-        return save_final(rebuild_with(self.model, state, adapt), folder, finalize)
+        return rebuild_with(self.model, state, adapt) if self.is_main else None
+
+    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
+        copy = self._unsharded(adapt)
+        return None if copy is None else copy.to(self.device)
+
+    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
+        copy = self._unsharded(adapt)
+        return None if copy is None else save_final(copy, folder, finalize)
 
 
 def register(registries: Any) -> None:
