@@ -127,3 +127,28 @@ def test_remote_export_can_cast(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
     assert json.loads((out / "cambrian_config.json").read_text())["model"]["llm"]["dtype"] == "bfloat16"
+
+
+def test_the_model_card_code_alone_reproduces_our_answer(tmp_path, monkeypatch, capsys):
+    """Image file -> answer by running the exported card's code block, with nothing but the exported folder."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    model = H.make(H.mlp_config())
+    export_hf(model.save_pretrained(str(tmp_path / "ours")), tmp_path / "hf")
+    side = model.towers[0].image_size  # square, at the tower's resolution: the card's exact case
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(tmp_path / "scan.png")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    assert (
+        "from cambrian" not in code and "add_special_tokens=False" in code
+    )  # llama-3's format starts with BOS
+    monkeypatch.chdir(tmp_path)  # the card names the folder by its name
+    capsys.readouterr()
+    exec(code.replace("PATH", repr("scan.png")), {})
+    theirs = capsys.readouterr().out.strip()
+    ours = model.chat("<image>\nDescribe the image.", [Image.open(tmp_path / "scan.png")], max_new_tokens=64)
+    assert theirs == ours and ours

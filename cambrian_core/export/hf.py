@@ -83,7 +83,9 @@ def export_hf(
     with staged_folder(out, overwrite=overwrite) as tmp:
         if model is not None:
             info = write_llava(model, tmp, max_shard_size=max_shard_size)
-            usage = llava_usage(info["grid"]).replace("FOLDER", repr(title))
+            usage = llava_usage(info["grid"], info["prompt"], info["bos_in_prompt"]).replace(
+                "FOLDER", repr(title)
+            )
             notes = ["Exported as a plain `LlavaForConditionalGeneration` (no remote code)."]
         else:
             write_remote_folder(folder, tmp, dtype=dtype, max_shard_size=max_shard_size)

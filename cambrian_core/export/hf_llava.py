@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cambrian_core.export.shards import ShardWriter
+from cambrian_core.model.template import Message
 
 __all__ = [
     "IMAGE_TOKEN",
@@ -133,7 +134,8 @@ def _resized(weight: torch.Tensor, rows: int, fill: Mapping[int, torch.Tensor]) 
 
 
 def write_llava(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB") -> dict[str, Any]:
-    """Write ``model`` into ``folder`` as a Llava folder; returns ``{"image_token_id", "newline_token_id", "grid"}``.
+    """Write ``model`` into ``folder`` as a Llava folder; returns ``{"image_token_id", "newline_token_id", "grid",
+    "prompt", "bos_in_prompt"}`` (the last two: an example prompt in the LLM's chat format, for the card).
 
     Raises:
         ValueError: the model is not Llava-representable (every reason listed).
@@ -215,11 +217,22 @@ def write_llava(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB
     writer = ShardWriter(folder, max_shard_size)
     writer.add_all(state.items())
     writer.finish()
-    return {"image_token_id": image_id, "newline_token_id": newline_id, "grid": model.grid}
+    example = [Message("user", f"{IMAGE_TOKEN}\nDescribe the image.")]
+    prompt = model.llm.template.render_text(example, add_generation_prompt=True)
+    bos = tok.bos_token
+    return {
+        "image_token_id": image_id,
+        "newline_token_id": newline_id,
+        "grid": model.grid,
+        "prompt": prompt,
+        "bos_in_prompt": bool(bos) and prompt.startswith(bos),
+    }
 
 
-def llava_usage(grid: int) -> str:
-    """Usage section of the exported Llava folder's card."""
+def llava_usage(grid: int, prompt: str, bos_in_prompt: bool) -> str:
+    """Usage section of the exported Llava folder's card (``prompt``: an example in the LLM's chat format)."""
+    special = ", add_special_tokens=False" if bos_in_prompt else ""
+    why = "  # the chat format already starts with the BOS token" if bos_in_prompt else ""
     return f"""Plain transformers, no remote code. Write every image in the prompt as {grid} rows of {grid} `<image>`
 tokens, each row followed by `<image_newline>` (the model's learned row separator), and pass the pixel values:
 
@@ -229,11 +242,14 @@ from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalG
 
 model = LlavaForConditionalGeneration.from_pretrained(FOLDER)
 tok, images = AutoTokenizer.from_pretrained(FOLDER), AutoImageProcessor.from_pretrained(FOLDER)
+PROMPT = {prompt!r}
 prompt = PROMPT.replace("<image>", ("<image>" * {grid} + "<image_newline>") * {grid})
-inputs = tok(prompt, return_tensors="pt")
-out = model.generate(**inputs, pixel_values=images(Image.open(PATH), return_tensors="pt").pixel_values)
+inputs = tok(prompt, return_tensors="pt"{special}){why}
+pixels = images(Image.open(PATH).convert("RGB"), return_tensors="pt").pixel_values
+out = model.generate(**inputs, pixel_values=pixels, max_new_tokens=64, do_sample=False)
+print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-`PROMPT` is the conversation in the LLM's chat format with one `<image>` per image. Images are used as their
-full square grid (ours drops the expand-to-square padding rows of non-square images, so results match exactly
-for square images)."""
+`PROMPT` is a conversation in the LLM's chat format with one `<image>` per image (the example above is what the
+model was trained with). Images are used as their full square grid (ours drops the expand-to-square padding
+rows of non-square images, so results match exactly for square images)."""
