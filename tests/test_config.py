@@ -156,3 +156,52 @@ def test_cli_show_and_diff() -> None:
     assert re.search(r"optim\.lr_groups\.sva\s+0\.0001 -> '<absent>'", diff.stdout), diff.stdout
     bad = subprocess.run([*run, "show", str(CFG / "toy_typo.py")], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean `warmup_ratio`" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("syntax.py", "x = dict(\n", r"syntax\.py:1: Python syntax error: '\(' was never closed"),
+        ("raises.py", "x = 1 / 0\n", r"raises\.py: cannot be read .*ZeroDivisionError: division by zero"),
+        ("broken.json", '{"a": \n', r"broken\.json: cannot be read .*JSONDecodeError"),
+        ("base.py", "_base_ = ['./nope.py']\n", r"base\.py: a `_base_` file does not exist: .*nope\.py"),
+        ("scan.png", "not a config", r"scan\.png: not a config file; use a \.py"),
+    ],
+)
+def test_unreadable_config_files_name_the_file_and_line(tmp_path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_values_out_of_range_are_config_problems() -> None:
+    bad = {
+        "optim": {"lr": -1, "type": "Adamw"},
+        "schedule": {"max_steps": -4, "precision": "fp8", "warmup_ratio": 1.5},
+        "data": {"num_workers": -2},
+        "checkpoint": {"interval": 0},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(CFG / "toy_leaf.py", bad)
+    msg = str(info.value)
+    for line in (
+        "optim.lr: must be >= 0, got -1",
+        "optim.type: must be one of AdamW, Adam, SGD, got 'Adamw'",
+        "schedule.max_steps: must be -1 (off) or >= 1, got -4",
+        "schedule.precision: must be one of bf16, fp16, fp32, got 'fp8'",
+        "schedule.warmup_ratio: must be between 0 and 1, got 1.5",
+        "data.num_workers: must be >= 0, got -2",
+        "checkpoint.interval: must be >= 1, got 0",
+    ):
+        assert line in msg, line
+
+
+def test_the_checked_names_are_the_ones_training_uses() -> None:
+    from cambrian_core.config.schema import OPTIMIZERS, PRECISIONS, SCHEDULERS
+    from cambrian_core.train.optim import _OPTIMIZERS, lr_lambda
+    from cambrian_core.train.runners.base import PRECISIONS as RUNNER_PRECISIONS
+
+    assert set(OPTIMIZERS) == set(_OPTIMIZERS) and set(PRECISIONS) == set(RUNNER_PRECISIONS)
+    for kind in SCHEDULERS:
+        assert 0.0 <= lr_lambda(5, 10, 1, kind) <= 1.0

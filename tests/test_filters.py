@@ -315,3 +315,47 @@ def test_cli_filter_mix_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         px = np.asarray(g.convert("L"))
     assert px[6:262, 6:262].std() > 10  # the first record's scan was drawn, not left blank
     assert px[262:358, 6:262].min() < 100  # caption text below it
+
+
+def test_filter_refuses_to_overwrite_its_input_and_leaves_nothing_half_done(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    good = {
+        "id": "a",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+    }
+    src.write_text(json.dumps(good) + "\n")
+    before = src.read_bytes()
+    flt = RecordFilter(check_images=False, min_caption_words=0, domain=None)
+    with pytest.raises(ValueError, match=r"--out .*in\.jsonl is one of the inputs"):
+        filter_files([src], src, record_filter=flt)
+    with pytest.raises(ValueError, match=r"--rejects .*in\.jsonl is one of the inputs"):
+        filter_files([src], tmp_path / "out.jsonl", rejects=src, record_filter=flt)
+    with pytest.raises(ValueError, match=r"--out .* is a folder"):
+        filter_files([src], tmp_path, record_filter=flt)
+    assert src.read_bytes() == before
+    # a missing second input is found before anything is written
+    with pytest.raises(FileNotFoundError, match=r"no record file at .*nope\.jsonl"):
+        filter_files([src, tmp_path / "nope.jsonl"], tmp_path / "out.jsonl", record_filter=flt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    with pytest.raises(ValueError, match="min_image_size must be >= 0, got -1"):
+        RecordFilter(min_image_size=-1)
+    with pytest.raises(ValueError, match="max_caption_words 2 is below min_caption_words 5"):
+        RecordFilter(min_caption_words=5, max_caption_words=2)
+
+
+def test_a_binary_file_is_not_read_as_records(tmp_path: Path) -> None:
+    png = tmp_path / "scan.png"
+    Image.new("RGB", (8, 8)).save(png)
+    with pytest.raises(ValueError, match=r"scan\.png is not a UTF-8 text record file .* not an image"):
+        list(iter_records(png))
+    with pytest.raises(FileNotFoundError, match="a folder there"):
+        list(iter_records(tmp_path))
+
+
+def test_mix_names_a_bad_ratio_and_total(tmp_path: Path) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text("{}\n")
+    with pytest.raises(MixError, match="--input a: ratio must be a number >= 0, got 'abc'"):
+        parse_mix_input(f"a={src}:abc")
+    with pytest.raises(MixError, match="--total must be >= 1, got -5"):
+        mix([MixInput("a", src, 1)], tmp_path / "m.jsonl", total=-5)

@@ -270,3 +270,19 @@ def test_cambrian_tiny_med_loads_by_name_with_its_real_weights():
     assert "chest" in answer.lower() or "lung" in answer.lower()
     image = Image.new("RGB", (96, 64), (120, 120, 120))
     assert model.chat("Describe the image.", [image], max_new_tokens=6).strip()
+
+
+def test_a_truncated_shard_or_corrupt_config_is_named(tmp_path):
+    from cambrian_core.model.io import ModelFileError, load_weights
+
+    folder = Path(make().save_pretrained(str(tmp_path / "m")))
+    shard = next(folder.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(
+        ModelFileError, match=rf"{shard.name} cannot be read as safetensors .* truncated or corrupt"
+    ):
+        load_weights(folder)
+    (folder / "cambrian_config.json").write_text('{"format": "cambrian",\n')
+    with pytest.raises(ModelFileError, match=r"cambrian_config\.json is not valid JSON"):
+        read_config(folder)
+    assert main(["export", "hf", str(folder), str(tmp_path / "out")]) == 2  # an error line, not a traceback

@@ -156,6 +156,16 @@ def test_serving_commands_take_the_seed_flags():
     assert (demo.host, demo.model) == ("127.0.0.1", "m")
 
 
+@pytest.mark.parametrize(
+    "command", [["serve", "controller"], ["serve", "web"], ["serve", "api", "--model", "m"], ["demo"]]
+)
+def test_a_port_out_of_range_is_an_argument_error(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--port", "99999"])
+    assert info.value.code == 2
+    assert "argument --port: 99999 is not a port number (0-65535)" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_points_parse_the_seed_lines(monkeypatch):
     import argparse
 

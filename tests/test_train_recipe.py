@@ -221,7 +221,9 @@ def test_cli_dry_run_errors_and_launchers(
     missing = dump(train_cfg(tmp_path / "nope.jsonl", tmp_path / "w2"), tmp_path / "bad.py")
     assert main(["train", str(missing)]) == 2
     assert "data.train: file not found" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"schedule\.grad_accum: 0 must be >= 1"):
+    assert main(["train", str(cfg), "--dry-run", "--resume", str(tmp_path / "no_such_ckpt")]) == 2
+    assert "--resume" in capsys.readouterr().err  # the checkpoint problem as one line, no traceback
+    with pytest.raises(ConfigError, match=r"schedule\.grad_accum: must be >= 1, got 0"):
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
 
     args = argparse.Namespace(

@@ -65,12 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    from cambrian_core.config import ConfigError
-    from cambrian_core.registry import BuildError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, BuildError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -81,6 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: printed as ``error: ...`` with exit status 2, no traceback."""
+    from cambrian_core.config import ConfigError
+    from cambrian_core.model.io import ModelFileError
+    from cambrian_core.registry import BuildError
+    from cambrian_core.train.checkpoint import CheckpointError
+    from cambrian_core.train.feature_cache import StaleCacheError
+
+    files = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    return (ConfigError, BuildError, CheckpointError, StaleCacheError, ModelFileError, *files)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

@@ -137,6 +137,37 @@ def _attribute(problem: Problem, files: list[str]) -> Problem:
     return Problem(problem.key, problem.message, files[0] if files else None)
 
 
+def _unreadable(filename: str, message: str, where: str | None = None) -> ConfigError:
+    return ConfigError([Problem("", message, where or filename)], filename)
+
+
+def _read(filename: str) -> Config:
+    """``Config.fromfile`` with every way a config file (or one of its ``_base_`` files) can be unreadable turned into
+    a :class:`ConfigError` naming the file (and line) instead of a traceback."""
+    if Path(filename).suffix not in (".py", ".json", ".yaml", ".yml"):
+        raise _unreadable(filename, "not a config file; use a .py (or .json / .yaml) config")
+    try:
+        with _plugin_scopes():
+            return Config.fromfile(filename)
+    except ConfigError:
+        raise
+    except SyntaxError as exc:
+        where = exc.filename if exc.filename and exc.filename != "<unknown>" else filename
+        raise _unreadable(filename, f"Python syntax error: {exc.msg}", f"{where}:{exc.lineno}") from None
+    except FileNotFoundError as exc:
+        missing = exc.filename or str(exc)
+        raise _unreadable(
+            filename,
+            f"a `_base_` file does not exist: {missing} (paths are relative to the file that names them; "
+            "plugin configs are written `scope::path`)",
+        ) from None
+    except Exception as exc:  # JSON / YAML parse errors, exceptions raised by the config's own code
+        detail = " ".join(str(exc).split())
+        raise _unreadable(
+            filename, f"cannot be read (it or one of its `_base_` files): {type(exc).__name__}: {detail}"
+        ) from None
+
+
 def load_config(
     filename: str | os.PathLike,
     cfg_options: Sequence[str] | Mapping[str, Any] | None = None,
@@ -151,8 +182,7 @@ def load_config(
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
         raise FileNotFoundError(f"config file not found: {filename}")
-    with _plugin_scopes():
-        cfg = Config.fromfile(filename)
+    cfg = _read(filename)
     overrides = parse_cfg_options(cfg_options)
     if overrides:
         cfg.merge_from_dict(overrides)

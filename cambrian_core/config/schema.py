@@ -48,7 +48,48 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}: " if self.file else ""
-        return f"{where}{self.key}: {self.message}"
+        key = f"{self.key}: " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+#: names the training recipe understands (kept here so the config check needs no torch)
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _outside(v: Any, rule: str, arg: Any) -> str | None:
+    """What is wrong with ``v`` under ``rule`` (``None``: nothing)."""
+    if rule == "in":
+        return None if v in arg else f"must be one of {', '.join(map(str, arg))}"
+    if rule == ">=":
+        return None if v >= arg else f"must be >= {arg}"
+    if rule == ">":
+        return None if v > arg else f"must be > {arg}"
+    if rule == "0..1":
+        return None if 0 <= v <= 1 else "must be between 0 and 1"
+    if rule == "0..<1":
+        return None if 0 <= v < 1 else "must be >= 0 and < 1"
+    if rule == "-1|>=1":
+        return None if v == -1 or v >= 1 else "must be -1 (off) or >= 1"
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def _bounds(value: Mapping[str, Any], rules: dict[str, tuple[str, Any]]) -> list[tuple[str, str]]:
+    """``(key, message)`` for each field of ``value`` (a section dict) outside its rule.
+
+    A rule is ``(">=", 1)``, ``(">", 0)``, ``("in", choices)``, ``("0..1", None)``, ``("0..<1", None)`` or
+    ``("-1|>=1", None)``; ``None`` values are not checked (they mean "off" where a field allows it).
+    """
+    out = []
+    for key, (rule, arg) in rules.items():
+        v = value.get(key)
+        if v is None or isinstance(v, bool) or (rule != "in" and not isinstance(v, (int, float))):
+            continue
+        problem = _outside(v, rule, arg)
+        if problem:
+            out.append((key, f"{problem}, got {v!r}"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -74,6 +115,20 @@ class DataSection:
     feature_cache: str | None = None
     pad_to_multiple_of: int = 1
 
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(
+            value,
+            {
+                "max_length": (">=", 1),
+                "batch_size": (">=", 1),
+                "num_workers": (">=", 0),
+                "val_fraction": ("0..<1", None),
+                "pad_to_multiple_of": (">=", 1),
+            },
+        )
+
 
 @dataclass
 class OptimSection:
@@ -90,6 +145,20 @@ class OptimSection:
     lr_groups: dict[str, float] = field(default_factory=dict)
     scale_lr_by_batch: bool = False
     base_batch_size: int = 512
+
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(
+            value,
+            {
+                "type": ("in", OPTIMIZERS),
+                "lr": (">=", 0),
+                "weight_decay": (">=", 0),
+                "eps": (">", 0),
+                "base_batch_size": (">=", 1),
+            },
+        )
 
 
 @dataclass
@@ -111,6 +180,25 @@ class ScheduleSection:
     eval_interval: int = 0
     eval_max_batches: int = 0
 
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(
+            value,
+            {
+                "epochs": (">=", 1),
+                "max_steps": ("-1|>=1", None),
+                "warmup_ratio": ("0..1", None),
+                "scheduler": ("in", SCHEDULERS),
+                "min_lr_ratio": ("0..1", None),
+                "grad_accum": (">=", 1),
+                "clip_grad": (">", 0),
+                "precision": ("in", PRECISIONS),
+                "eval_interval": (">=", 0),
+                "eval_max_batches": (">=", 0),
+            },
+        )
+
 
 @dataclass
 class CheckpointSection:
@@ -120,6 +208,11 @@ class CheckpointSection:
     interval: int = 500
     keep_last: int = 2
     export: bool = True
+
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(value, {"interval": (">=", 1), "keep_last": (">=", 1)})
 
 
 @dataclass
@@ -133,6 +226,11 @@ class LogSection:
     plot: bool = True
     mfu: bool = True
     peak_tflops: float | None = None
+
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(value, {"interval": (">=", 1), "peak_tflops": (">", 0)})
 
 
 @dataclass
@@ -155,6 +253,11 @@ class EvalSection:
     metrics: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        return _bounds(value, {"limit": (">=", 1), "batch_size": (">=", 1), "max_new_tokens": (">=", 1)})
+
 
 @dataclass(frozen=True)
 class LoraSection:
@@ -168,6 +271,17 @@ class LoraSection:
     target_modules: str | list[str] = "all-linear"
     qlora: bool = False
     compute_dtype: str = "bfloat16"
+
+    @staticmethod
+    def value_problems(value: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Values outside their range (types are checked separately)."""
+        rules = {
+            "r": (">=", 1),
+            "alpha": (">", 0),
+            "dropout": ("0..<1", None),
+            "compute_dtype": ("in", ("bfloat16", "float16", "float32")),
+        }
+        return _bounds(value, rules)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> LoraSection:
@@ -243,6 +357,10 @@ def _check_dataclass(spec: type, value: Any, key: str) -> list[Problem]:
             out.append(Problem(f"{key}.{k}", f"unknown key;{did} accepted: {', '.join(names)}"))
         elif not _type_ok(v, hints[k]):
             out.append(Problem(f"{key}.{k}", f"expected {_hint_name(hints[k])}, got {v!r}"))
+    checker = getattr(spec, "value_problems", None)
+    if checker is not None:
+        typed = {k: v for k, v in value.items() if k in names and _type_ok(v, hints[k])}
+        out += [Problem(f"{key}.{k}", msg) for k, msg in checker(typed)]
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -110,6 +111,18 @@ class RecordFilter:
             raise ValueError(f"dedup must be 'phash', 'exact' or 'none', got {dedup!r}")
         if dedup_scope not in ("stage", "all"):
             raise ValueError(f"dedup_scope must be 'stage' or 'all', got {dedup_scope!r}")
+        for name, value in (
+            ("min_caption_words", min_caption_words),
+            ("min_image_size", min_image_size),
+            ("blank_std", blank_std),
+            ("phash_distance", phash_distance),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if max_caption_words is not None and max_caption_words < min_caption_words:
+            raise ValueError(
+                f"max_caption_words {max_caption_words} is below min_caption_words {min_caption_words}"
+            )
         self.min_caption_words = min_caption_words
         self.max_caption_words = max_caption_words
         self.check_images = check_images
@@ -236,12 +249,41 @@ def filter_files(
     ``<out stem>.rejects.jsonl``) as ``{"id", "source", "rule", "reason", "file", "line", "record"}``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rejects = Path(rejects) if rejects else out.with_name(out.stem + ".rejects.jsonl")
+    sources = [Path(p) for p in inputs]
+    for src in sources:
+        if not src.is_file():
+            raise FileNotFoundError(f"no record file at {src} (expected LLaVA JSONL or a JSON array)")
+    for what, path in (("--out", out), ("--rejects", rejects)):
+        if path.is_dir():
+            raise ValueError(f"{what} {path} is a folder; give a file path such as {path / 'filtered.jsonl'}")
+        if any(path.resolve() == src.resolve() for src in sources):
+            raise ValueError(
+                f"{what} {path} is one of the inputs; write the filtered records to another file"
+            )
+    if out.resolve() == rejects.resolve():
+        raise ValueError(f"--out and --rejects are the same file {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     flt = record_filter or RecordFilter()
     stats = FilterStats()
-    with out.open("w", encoding="utf-8") as keep_fh, rejects.open("w", encoding="utf-8") as drop_fh:
-        for src in map(Path, inputs):
+    # written next to their destinations and moved into place at the end: a failed run leaves no
+    # complete-looking output behind
+    tmp_out, tmp_rej = (p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (out, rejects))
+    try:
+        _filter_into(sources, out.parent, tmp_out, tmp_rej, flt, stats)
+        os.replace(tmp_rej, rejects)
+        os.replace(tmp_out, out)
+    finally:
+        tmp_out.unlink(missing_ok=True)
+        tmp_rej.unlink(missing_ok=True)
+    return stats
+
+
+def _filter_into(
+    sources: list[Path], out_dir: Path, tmp_out: Path, tmp_rej: Path, flt: RecordFilter, stats: FilterStats
+) -> None:
+    with tmp_out.open("w", encoding="utf-8") as keep_fh, tmp_rej.open("w", encoding="utf-8") as drop_fh:
+        for src in sources:
             root = src.parent
             for line, rec in iter_records(src):
                 stats.total += 1
@@ -253,7 +295,7 @@ def filter_files(
                     rec_out = rec
                 if verdict is None:
                     stats.kept += 1
-                    keep_fh.write(json.dumps(rebase_images(rec, root, out.parent), ensure_ascii=False) + "\n")
+                    keep_fh.write(json.dumps(rebase_images(rec, root, out_dir), ensure_ascii=False) + "\n")
                     continue
                 stats.dropped[verdict[0]] += 1
                 prov = (rec_out or {}).get("provenance") or {}
@@ -267,4 +309,3 @@ def filter_files(
                     "record": rec_out,
                 }
                 drop_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return stats

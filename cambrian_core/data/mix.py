@@ -51,7 +51,8 @@ def parse_mix_input(spec: str) -> MixInput:
         try:
             float(tail)
         except ValueError:
-            pass
+            if Path(head).is_file() and not Path(rest).exists():  # `file.jsonl:abc`: a bad ratio, not a path
+                raise MixError(f"--input {name}: ratio must be a number >= 0, got {tail!r}") from None
         else:
             path, ratio = head, tail
     value = float(ratio)
@@ -93,6 +94,8 @@ def mix(
     """
     if not inputs:
         raise MixError("no inputs to mix")
+    if total is not None and total < 1:
+        raise MixError(f"--total must be >= 1, got {total}")
     names = [inp.name for inp in inputs]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:

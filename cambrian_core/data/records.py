@@ -30,7 +30,20 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
     """Yield ``(line_or_index, record)`` from a JSONL file or a JSON array; a bad line yields an error string."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no record file at {path} (expected LLaVA JSONL or a JSON array)")
+        what = "a folder" if path.is_dir() else "nothing"
+        raise FileNotFoundError(
+            f"no record file at {path} ({what} there; expected LLaVA JSONL or a JSON array)"
+        )
+    try:
+        yield from _iter_text_records(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not a UTF-8 text record file (byte {exc.start}: {exc.reason}); expected LLaVA JSONL or a "
+            "JSON array, not an image or archive"
+        ) from None
+
+
+def _iter_text_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     with path.open(encoding="utf-8") as fh:
         head = fh.read(1 << 12).lstrip()
         fh.seek(0)

@@ -357,7 +357,7 @@ def import_cambrian1(
             listed by name).
     """
     from cambrian_core import __version__
-    from cambrian_core.model.io import _HERE, CONFIG_NAME, FORMAT_VERSION, read_config
+    from cambrian_core.model.io import _HERE, CONFIG_NAME, FORMAT_VERSION, read_config, read_json
     from cambrian_core.plugins import load_plugins
     from cambrian_core.registry import ENCODERS, MODELS, build
 
@@ -366,7 +366,9 @@ def import_cambrian1(
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{src} is not a Cambrian-1 folder: config.json is missing")
-    src_cfg = json.loads(cfg_path.read_text())
+    src_cfg = read_json(cfg_path)
+    if not isinstance(src_cfg, dict):
+        raise Cambrian1ImportError(f"{cfg_path} holds a JSON {type(src_cfg).__name__}, not a model config")
     names = src_cfg.get("mm_vision_tower_aux_list") or src_cfg.get("vision_tower_aux_list")
     lens = src_cfg.get("mm_vision_tower_aux_token_len_list") or src_cfg.get("vision_tower_aux_token_len_list")
     if not names or not lens or len(names) != len(lens):

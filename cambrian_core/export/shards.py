@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = [
@@ -179,11 +178,9 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        out = {}
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[k] = f.get_tensor(k)
-        return out
+        from cambrian_core.model.io import read_safetensors
+
+        return read_safetensors(path)
     state = torch_load(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a flat state dict of tensors")

@@ -30,7 +30,17 @@ from torch import nn
 from cambrian_core.fileio import staged_folder
 from cambrian_core.registry import ENCODERS, LLMS, MODELS, build
 
-__all__ = ["CONFIG_NAME", "INDEX_NAME", "load_model", "load_weights", "read_config", "save_model"]
+__all__ = [
+    "CONFIG_NAME",
+    "INDEX_NAME",
+    "ModelFileError",
+    "load_model",
+    "load_weights",
+    "read_config",
+    "read_json",
+    "read_safetensors",
+    "save_model",
+]
 
 CONFIG_NAME = "cambrian_config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -142,12 +152,41 @@ def save_model(model: nn.Module, folder: str | os.PathLike, max_shard_size: int 
     return str(dest)
 
 
+class ModelFileError(ValueError):
+    """A file of a saved model cannot be read (truncated or corrupt); the message names it."""
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; :class:`ModelFileError` naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(
+            f"{path} is not valid JSON ({exc}); the file is corrupt or was cut short"
+        ) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one ``.safetensors`` file; :class:`ModelFileError` naming it when it cannot be read."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ModelFileError(
+            f"{path} cannot be read as safetensors ({exc}); it is truncated or corrupt: copy or save it again"
+        ) from None
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The model config of a saved folder, with its inner paths made absolute."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a saved cambrian model: {CONFIG_NAME} is missing")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path} holds a JSON {type(meta).__name__}, not a cambrian model config")
     version = meta.get("format_version")
     if meta.get("format") != "cambrian" or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -164,13 +203,13 @@ def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     index_path = folder / INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(f"{folder}: {INDEX_NAME} is missing (not a saved cambrian model?)")
-    index = json.loads(index_path.read_text())
+    index = read_json(index_path)
     state: dict[str, torch.Tensor] = {}
     for filename in sorted(set(index["weight_map"].values())):
         shard = folder / filename
         if not shard.is_file():
             raise FileNotFoundError(f"{folder}: shard {filename} listed in {INDEX_NAME} is missing")
-        state.update(load_file(str(shard)))
+        state.update(read_safetensors(shard))
     missing = set(index["weight_map"]) - set(state)
     if missing:
         raise ValueError(f"{folder}: tensors {sorted(missing)[:5]} are in the index but not in their shards")

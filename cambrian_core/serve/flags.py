@@ -19,6 +19,17 @@ __all__ = [
 DISPATCH_METHODS = ("lottery", "shortest_queue")
 
 
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port number (0 = any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
 def placement_arguments(p: argparse.ArgumentParser) -> None:
     """Where and how a model loads: ``--device``, ``--dtype`` and ``--tower-path`` (shared by every loader)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -35,7 +46,7 @@ def placement_arguments(p: argparse.ArgumentParser) -> None:
 def controller_arguments(p: argparse.ArgumentParser) -> None:
     """The controller's flags (LLaVA's, plus the heartbeat expiry)."""
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=21001)
+    p.add_argument("--port", type=port, default=21001)
     p.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
     p.add_argument(
         "--heart-beat-expiration",
@@ -55,7 +66,7 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
     """The worker's flags: LLaVA's (``--model-path`` / ``--controller-address`` / ``--worker-address`` and their
     README abbreviations) plus device, dtype, batching and image limits."""
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--port", type=port, default=21002)
     p.add_argument(
         "--worker-address",
         "--worker",
@@ -107,7 +118,7 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
 
 def web_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860)
     p.add_argument(
         "--controller-url", "--controller", dest="controller_url", default="http://127.0.0.1:21001"
     )
@@ -135,7 +146,7 @@ def api_arguments(p: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="the model id clients send (default: from --model)"
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument(
         "--api-key",
         default=None,
@@ -168,6 +179,6 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
         help="saved model folder, registered checkpoint name, or Cambrian-1 HF folder",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860)
     placement_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8)
