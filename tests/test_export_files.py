@@ -156,3 +156,7 @@ def test_model_card_lists_architecture_training_data_and_evaluation(saved, tmp_p
     )
     assert (folder / "README.md").read_text().count("## Evaluation") == 1
     assert (folder / INDEX_NAME).is_file()
+    # a named file that is missing or not JSON is an error, not a card without that section
+    assert main(["export", "card", str(folder), "--eval", str(folder / "nope.json")]) == 2
+    (folder / "notes.txt").write_text("not json")
+    assert main(["export", "card", str(folder), "--manifest", str(folder / "notes.txt")]) == 2

@@ -223,6 +223,12 @@ def test_cli_dry_run_errors_and_launchers(
     assert "data.train: file not found" in capsys.readouterr().err
     assert main(["train", str(cfg), "--dry-run", "--resume", str(tmp_path / "no_such_ckpt")]) == 2
     assert "--resume" in capsys.readouterr().err  # the checkpoint problem as one line, no traceback
+    (tmp_path / "empty.jsonl").write_text("")
+    assert (
+        main(["train", str(cfg), "--dry-run", "--cfg-options", f"data.train={tmp_path / 'empty.jsonl'}"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "data.train: " in err and "0 samples cannot fill one global batch" in err
     with pytest.raises(ConfigError, match=r"schedule\.grad_accum: must be >= 1, got 0"):
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
 

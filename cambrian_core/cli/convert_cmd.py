@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -73,8 +74,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.workers < 1:
-        print("error: --workers must be >= 1", file=sys.stderr)
+    problems = [
+        f"{flag} must be >= 1, got {value}"
+        for flag, value in (
+            ("--workers", args.workers),
+            ("--limit", args.limit),
+            ("--max-size", args.max_size),
+        )
+        if value is not None and value < 1
+    ]
+    src, out = Path(args.src).resolve(), Path(args.out).resolve()
+    if out == src or (src.is_dir() and out.is_relative_to(src) and args.source == "llava"):
+        problems.append(f"--out {args.out} is inside --src {args.src}; write the converted data elsewhere")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     conv_cfg = {"type": args.source, "src": args.src, "views": args.views, **parse_kv(args.opt, "--opt")}
     if args.window is not None:

@@ -9,6 +9,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from cambrian_core.cli.argtypes import positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="filter, mix and inspect LLaVA-format record sets")
@@ -78,12 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = dsub.add_parser("show", help="print records and render an image grid PNG")
     s.add_argument("file", metavar="FILE", help="record file (JSONL or JSON array)")
-    s.add_argument("--n", type=int, default=8, help="how many records (default 8)")
+    s.add_argument("--n", type=positive_int, default=8, help="how many records (default 8)")
     s.add_argument(
         "--stage", choices=("caption", "instruct"), default=None, help="only records of this stage"
     )
     s.add_argument("--grid", default=None, metavar="PNG", help="write an image grid with captions here")
-    s.add_argument("--cols", type=int, default=4, help="grid columns (default 4)")
+    s.add_argument("--cols", type=positive_int, default=4, help="grid columns (default 4)")
     s.add_argument("--image-root", default=None, help="folder image paths are relative to (default: FILE's)")
     s.set_defaults(func=run_show)
     p.set_defaults(func=lambda a: p.print_help() or 0)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cambrian_core.cli.argtypes import nonneg_int, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,10 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--split", help="split to evaluate (default: the benchmark's test split; pmc_vqa: test_clean)"
     )
     p.add_argument("--out", help="results folder (default: eval_results/<bench>-<split>/<model>)")
-    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--limit", type=positive_int, help="only the first N questions")
     p.add_argument("--shard", help="i/n: answer every n-th question starting at i (one process per GPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length budget (default 64)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="questions decoded together (default 8)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="answer length budget (default 64)"
+    )
     p.add_argument(
         "--prompt", default="short", help="question prompt style[.version]: short (default) or plain"
     )
@@ -43,10 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-dir", help="pmc_vqa / jsonl: image folder, if not the default")
     p.add_argument("--metrics", help="comma-separated metric names (default: all that apply)")
     p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)"
+        "--bootstrap",
+        type=nonneg_int,
+        default=1000,
+        help="bootstrap resamples for the intervals (default 1000)",
     )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--worst", type=int, default=50, help="items in errors.jsonl (default 50)")
+    p.add_argument("--worst", type=nonneg_int, default=50, help="items in errors.jsonl (default 50)")
     p.add_argument("--judge-model", help="grade answers with this LLM (OpenAI-compatible chat completions)")
     p.add_argument("--judge-base-url", help="judge endpoint (default: $OPENAI_BASE_URL, else api.openai.com)")
     p.add_argument(

@@ -4,6 +4,7 @@ LoRA merge, dtype conversion, model cards)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,19 @@ def _card(args: argparse.Namespace) -> Path:
     from cambrian_core.export.dtype import saved_folder
 
     folder, _ = saved_folder(args.model)
+    if not Path(args.model).is_dir():
+        raise ValueError(
+            f"{args.model!r} is a registered checkpoint, not a folder of yours; `export card` writes README.md into "
+            "the model folder, so give a saved model folder"
+        )
+    given = [*([args.training_config] if args.training_config else []), *args.manifest, *args.eval]
+    for path in map(Path, given):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a JSON file ({exc})") from None
     found = find_sources(folder)
     sources = CardSources(
         Path(args.training_config) if args.training_config else found.training_config,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from cambrian_core.cli.argtypes import port, positive_float, positive_int
 from cambrian_core.serve.protocol import CONTROLLER_HEART_BEAT_EXPIRATION, WORKER_HEART_BEAT_INTERVAL
 
 __all__ = [
@@ -18,17 +19,6 @@ __all__ = [
 
 DISPATCH_METHODS = ("lottery", "shortest_queue")
 
-
-
-def port(text: str) -> int:
-    """An argparse type: a TCP port number (0 = any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
-    return value
 
 def placement_arguments(p: argparse.ArgumentParser) -> None:
     """Where and how a model loads: ``--device``, ``--dtype`` and ``--tower-path`` (shared by every loader)."""
@@ -90,16 +80,24 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
     placement_arguments(p)
     p.add_argument(
         "--limit-model-concurrency",
-        type=int,
+        type=positive_int,
         default=5,
         help="requests decoded together in one batch (default %(default)s)",
     )
     p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before 503 (default %(default)s)"
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="requests waiting before 503 (default %(default)s)",
     )
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default %(default)s)")
     p.add_argument(
-        "--max-image-mb", type=float, default=32.0, help="encoded size per image (default %(default)s)"
+        "--max-images", type=positive_int, default=8, help="images per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=positive_float,
+        default=32.0,
+        help="encoded size per image (default %(default)s)",
     )
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument(
@@ -159,14 +157,25 @@ def api_arguments(p: argparse.ArgumentParser) -> None:
     )
     placement_arguments(p)
     p.add_argument(
-        "--max-batch-size", type=int, default=8, help="requests decoded together (default %(default)s)"
+        "--max-batch-size",
+        type=positive_int,
+        default=8,
+        help="requests decoded together (default %(default)s)",
     )
     p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before 503 (default %(default)s)"
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="requests waiting before 503 (default %(default)s)",
     )
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default %(default)s)")
     p.add_argument(
-        "--max-image-mb", type=float, default=32.0, help="encoded size per image (default %(default)s)"
+        "--max-images", type=positive_int, default=8, help="images per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=positive_float,
+        default=32.0,
+        help="encoded size per image (default %(default)s)",
     )
 
 
@@ -181,4 +190,4 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=port, default=7860)
     placement_arguments(p)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=positive_int, default=8)

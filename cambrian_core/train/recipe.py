@@ -393,15 +393,19 @@ class TrainRecipe:
                 if s is not None:
                     s.feature_caches = caches
         r = self.runner
-        self.sampler = GroupedBatchSampler(
-            self.train_set.lengths,
-            d.batch_size,
-            self.train_set.has_image,
-            d.group_by_length,
-            world_size=r.world_size,
-            rank=r.rank,
-            seed=self.seed,
-        )
+        try:
+            self.sampler = GroupedBatchSampler(
+                self.train_set.lengths,
+                d.batch_size,
+                self.train_set.has_image,
+                d.group_by_length,
+                world_size=r.world_size,
+                rank=r.rank,
+                seed=self.seed,
+            )
+        except ValueError as exc:  # too few usable samples: a problem of data.train, said as one
+            where = str(self.config_path) if self.config_path else None
+            raise ConfigError([Problem("data.train", f"{d.train}: {exc}")], where) from None
         collate = Collator(model.llm.tokenizer.pad_token_id, d.packing, d.max_length, d.pad_to_multiple_of)
         self.collate = collate
         self.loader = self._loader(self.train_set, self.sampler)
