@@ -305,6 +305,10 @@ def test_cli_filter_mix_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert manifest["sources"]["euro"]["selected"] == 3 and manifest["by_stage"] == {"caption": 3}
     assert main(["data", "mix", "--input", f"euro={clean}:1", "--out", str(out), "--total", "9"]) == 2
     assert "has 4 records but the mix needs 9" in capsys.readouterr().err
+    noisy = tmp_path / "noisy.jsonl"
+    noisy.write_text(clean.read_text() + "{not json\n")
+    assert main(["data", "mix", "--input", f"noisy={noisy}:1", "--out", str(tmp_path / "m2.jsonl")]) == 0
+    assert "warning: noisy: 1 unreadable line(s) skipped" in capsys.readouterr().err
 
     grid = tmp_path / "grid.png"
     assert main(["data", "show", str(out), "--n", "2", "--grid", str(grid), "--cols", "2"]) == 0

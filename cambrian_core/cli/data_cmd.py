@@ -141,6 +141,12 @@ def run_mix(args: argparse.Namespace) -> int:
     print(f"wrote {manifest['total']} records to {args.out} ({json.dumps(manifest['by_stage'])})")
     for name, src in manifest["sources"].items():
         print(f"  {name:<16} {src['selected']:>8} of {src['available']:<8} {json.dumps(src['by_stage'])}")
+        if src.get("unreadable_lines"):
+            print(
+                f"  warning: {name}: {src['unreadable_lines']} unreadable line(s) skipped (not JSON objects); "
+                "`cambrian data filter` lists them with their line numbers",
+                file=sys.stderr,
+            )
     return 0
 
 

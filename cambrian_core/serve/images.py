@@ -154,6 +154,13 @@ def _check_pixels(w: int, h: int, what: str, limits: ImageLimits) -> None:
         )
 
 
+def _without(message: str, path: str) -> str:
+    """``message`` without the name of the temporary copy of an upload (the caller names the image itself)."""
+    if Path(path).name.startswith("cambrian-upload-"):
+        return message.replace(f"{path}: ", "").replace(path, "the file")
+    return message
+
+
 def _load_scan(path: str, kind: str, what: str, options: ScanOptions, limits: ImageLimits) -> Image.Image:
     from cambrian_core.data import medimage
 
@@ -162,9 +169,10 @@ def _load_scan(path: str, kind: str, what: str, options: ScanOptions, limits: Im
     try:
         img = medimage.load_image(path, kind=kind, **kwargs)
     except medimage.ImageLoadError as exc:
-        raise RequestError(f"{what} could not be read as {kind}: {exc}", code="invalid_image") from None
+        reason = _without(str(exc), path)
+        raise RequestError(f"{what} could not be read as {kind}: {reason}", code="invalid_image") from None
     except (TypeError, ValueError) as exc:  # bad window / slice options
-        raise RequestError(f"{what}: {exc}", code="invalid_image_options") from None
+        raise RequestError(f"{what}: {_without(str(exc), path)}", code="invalid_image_options") from None
     _check_pixels(*img.size, what, limits)
     return img.convert("RGB")
 
