@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from serve_helpers import ct_small, png_bytes, save_tiny_model
 
 from cambrian_core.cli import build_parser, main
@@ -112,6 +113,11 @@ def test_infer_reports_bad_input_clearly(folder, tmp_path, capsys):
     assert "neither a saved model folder nor a registered checkpoint" in capsys.readouterr().err
     assert main(["infer", "--model", folder, "--prompt", "hi", "--device", "tpu"]) == 2
     assert "--device 'tpu' is unknown" in capsys.readouterr().err
+    png = tmp_path / "scan.png"
+    Image.new("RGB", (8, 8)).save(png)
+    argv = ["infer", "--model", folder, "--image", str(png), "--prompt", "hi", "--window", "lungz"]
+    assert main(argv) == 2  # a PNG ignores windows, but a misspelled one is still a mistake
+    assert "window 'lungz'" in capsys.readouterr().err
 
 
 def test_serving_commands_take_the_seed_flags():

@@ -68,11 +68,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _scan_options(record: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The scan options of a batch line (or the flags); a window that is no preset, mode or pair is refused
+    whatever the image (a PNG ignores it, but the request is wrong)."""
+    from cambrian_core.data.windowing import resolve_window
+    from cambrian_core.serve.errors import RequestError
     from cambrian_core.serve.images import ScanOptions
 
     def pick(key: str) -> Any:
         return record.get(key, getattr(args, key))
 
+    if pick("window") is not None:
+        try:
+            resolve_window(pick("window"))
+        except ValueError as exc:
+            raise RequestError(f"window {pick('window')!r}: {exc}", code="invalid_image_options") from None
     return ScanOptions(
         window=pick("window"),
         slice_axis=pick("slice_axis"),
