@@ -20,6 +20,25 @@ __all__ = [
 DISPATCH_METHODS = ("lottery", "shortest_queue")
 
 
+def request_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one server accepts: queued requests, images per request, encoded size per image."""
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="requests waiting before 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-images", type=positive_int, default=8, help="images per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=positive_float,
+        default=32.0,
+        help="encoded size per image (default %(default)s)",
+    )
+
+
 def placement_arguments(p: argparse.ArgumentParser) -> None:
     """Where and how a model loads: ``--device``, ``--dtype`` and ``--tower-path`` (shared by every loader)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -84,21 +103,7 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
         default=5,
         help="requests decoded together in one batch (default %(default)s)",
     )
-    p.add_argument(
-        "--max-queue",
-        type=positive_int,
-        default=256,
-        help="requests waiting before 503 (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-images", type=positive_int, default=8, help="images per request (default %(default)s)"
-    )
-    p.add_argument(
-        "--max-image-mb",
-        type=positive_float,
-        default=32.0,
-        help="encoded size per image (default %(default)s)",
-    )
+    request_limit_arguments(p)
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument(
         "--heart-beat-interval",
@@ -162,21 +167,7 @@ def api_arguments(p: argparse.ArgumentParser) -> None:
         default=8,
         help="requests decoded together (default %(default)s)",
     )
-    p.add_argument(
-        "--max-queue",
-        type=positive_int,
-        default=256,
-        help="requests waiting before 503 (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-images", type=positive_int, default=8, help="images per request (default %(default)s)"
-    )
-    p.add_argument(
-        "--max-image-mb",
-        type=positive_float,
-        default=32.0,
-        help="encoded size per image (default %(default)s)",
-    )
+    request_limit_arguments(p)
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:

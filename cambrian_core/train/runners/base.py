@@ -247,21 +247,26 @@ class Runner:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
-        """The whole trained model, for generation (the ``eval`` section's dev-split VQA), on the main rank;
-        ``None`` on the others. Sharded runners gather an unsharded copy there (collective: every rank calls it).
-        """
+    def gather_model(self, adapt: Adapt = None) -> nn.Module | None:
+        """The whole model on the main rank, ``None`` on the others. Sharded runners override it to gather an
+        unsharded CPU copy there (collective: every rank calls it); ``adapt(fresh_model)`` re-applies structural
+        changes (LoRA) to such a rebuilt copy."""
         return self.unwrapped if self.is_main else None
+
+    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
+        """The whole trained model on the runner's device, for generation (the ``eval`` section's dev-split VQA),
+        on the main rank; ``None`` on the others (collective, see :meth:`gather_model`)."""
+        model = self.gather_model(adapt)
+        return None if model is None else model.to(self.device)
 
     def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
         """Save the trained model with ``save_pretrained`` (main rank); returns the folder there.
 
-        ``adapt(fresh_model)`` re-applies structural changes (LoRA) when a runner must rebuild an unsharded copy;
-        ``finalize(model) -> bool`` runs just before saving (merging adapters) and may veto the save.
+        ``adapt`` as in :meth:`gather_model`; ``finalize(model) -> bool`` runs just before saving (merging
+        adapters) and may veto the save.
         """
-        if not self.is_main:
-            return None
-        return save_final(self.unwrapped, folder, finalize)
+        model = self.gather_model(adapt)
+        return None if model is None else save_final(model, folder, finalize)
 
 
 def save_final(model: nn.Module, folder: Path, finalize: Finalize = None) -> str | None:

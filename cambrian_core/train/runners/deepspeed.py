@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cambrian_core.train.runners.base import PRECISIONS, Adapt, Finalize, Runner, rebuild_with, save_final
+from cambrian_core.train.runners.base import PRECISIONS, Adapt, Runner, rebuild_with
 from cambrian_core.train.runners.distributed import all_reduce, barrier
 
 __all__ = ["DeepSpeedRunner", "fill_ds_config", "register", "resolve_config_path"]
@@ -265,7 +265,7 @@ class DeepSpeedRunner(Runner):
                 else:
                     p.copy_(t.to(p.dtype))
 
-    def _unsharded(self, adapt: Adapt) -> nn.Module | None:
+    def gather_model(self, adapt: Adapt = None) -> nn.Module | None:
         """The model itself (ZeRO-1/2: every rank holds it) or, under ZeRO-3, an unsharded CPU copy gathered onto
         the main rank (collective); ``None`` on the other ranks."""
         model = self.unwrapped
@@ -274,14 +274,6 @@ class DeepSpeedRunner(Runner):
         state = self._gathered(list(model.named_parameters()))
         buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in model.state_dict()}
         return rebuild_with(model, {**state, **buffers}, adapt) if self.is_main else None
-
-    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
-        copy = self._unsharded(adapt)
-        return None if copy is None else copy.to(self.device)
-
-    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
-        copy = self._unsharded(adapt)
-        return None if copy is None else save_final(copy, folder, finalize)
 
 
 def register(registries: Any) -> None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cambrian_core.train.runners.base import Adapt, Finalize, Runner, rebuild_with, save_final
+from cambrian_core.train.runners.base import Adapt, Runner, rebuild_with
 from cambrian_core.train.runners.distributed import all_reduce, barrier, init_process_group
 
 __all__ = ["FSDPRunner", "register"]
@@ -130,7 +130,7 @@ class FSDPRunner(Runner):
         )
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def _unsharded(self, adapt: Adapt) -> nn.Module | None:
+    def gather_model(self, adapt: Adapt = None) -> nn.Module | None:
         """An unsharded CPU copy of the model on the main rank (collective)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -138,14 +138,6 @@ class FSDPRunner(Runner):
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         return rebuild_with(self.model, state, adapt) if self.is_main else None
-
-    def eval_model(self, adapt: Adapt = None) -> nn.Module | None:
-        copy = self._unsharded(adapt)
-        return None if copy is None else copy.to(self.device)
-
-    def export(self, folder: Path, adapt: Adapt = None, finalize: Finalize = None) -> str | None:
-        copy = self._unsharded(adapt)
-        return None if copy is None else save_final(copy, folder, finalize)
 
 
 def register(registries: Any) -> None:
