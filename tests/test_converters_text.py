@@ -56,6 +56,8 @@ def test_registered_and_layout_errors(name: str, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(LayoutError, match=name):
         build(DATASETS, {"type": name, "src": str(tmp_path / "empty")}).check_layout()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) `windw` \(did you mean `window`\?\)"):
+        build(DATASETS, {"type": name, "src": str(tmp_path / "empty"), "windw": "lung"})
 
 
 # -- PMC-OA ---------------------------------------------------------------------------------------------------------

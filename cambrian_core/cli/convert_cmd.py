@@ -92,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     conv_cfg = {"type": args.source, "src": args.src, "views": args.views, **parse_kv(args.opt, "--opt")}
     if args.window is not None:
         conv_cfg["window"] = args.window
-    converter = build(DATASETS, conv_cfg)
-    generator = build(GENERATORS, {"type": args.generator, **parse_kv(args.gen_opt, "--gen-opt")})
+    try:
+        converter = build(DATASETS, conv_cfg)
+        generator = build(GENERATORS, {"type": args.generator, **parse_kv(args.gen_opt, "--gen-opt")})
+    except ValueError as exc:  # a converter's or generator's own check of its options
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = convert(
             converter,

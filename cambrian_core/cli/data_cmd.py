@@ -180,6 +180,9 @@ def run_show(args: argparse.Namespace) -> int:
                 print(f"   {turn.get('from', '?'):>5}: {_short(turn.get('value', ''), 200)}")
     if args.grid:
         root = Path(args.image_root) if args.image_root else Path(args.file).parent
+        if not root.is_dir():
+            print(f"error: --image-root {root} is not a folder", file=sys.stderr)
+            return 2
         render_grid(shown, root, Path(args.grid), cols=args.cols)
         print(f"grid of {len(shown)} record(s) written to {args.grid}")
     return 0

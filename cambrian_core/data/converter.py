@@ -23,10 +23,25 @@ class Converter(abc.ABC):
     prompt_name: ClassVar[str] = "generic"
     #: licence tag carried in every record's provenance (``None``: unknown, check the source's terms)
     license: ClassVar[str | None] = None
+    #: keywords every converter takes besides its own (``window``: CT/MR display window for all its scans)
+    common_options: ClassVar[tuple[str, ...]] = ("window",)
 
     def __init__(self, src: str, views: Literal["single", "multi"] = "single", **options: Any) -> None:
         if views not in ("single", "multi"):
             raise ValueError(f"{type(self).__name__}: views must be 'single' or 'multi', got {views!r}")
+        unknown = sorted(set(options) - set(self.common_options))
+        if unknown:
+            from cambrian_core.registry import suggest
+
+            hints = [
+                f" (did you mean `{h}`?)" if (h := suggest(k, list(self.common_options))) else ""
+                for k in unknown
+            ]
+            raise ValueError(
+                f"{type(self).__name__}: unknown option(s) "
+                + ", ".join(f"`{k}`{h}" for k, h in zip(unknown, hints, strict=True))
+                + f"; the options every source takes: {', '.join(self.common_options)} (see its keywords for the rest)"
+            )
         self.src = str(src)
         self.views = views
         self.options = options
