@@ -138,3 +138,13 @@ def subprocess_env() -> dict[str, str]:
         "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def launch(cfg: Path, launcher: str, nproc: int, timeout: float = 300) -> Any:
+    """``cambrian train CFG --launcher L --nproc N`` in a subprocess (offline, CPU-friendly environment)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cambrian_core.cli", "train", str(cfg), "--launcher", launcher]
+    cmd += ["--nproc", str(nproc)]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, losses, run, subprocess_env, train_cfg, write_dataset
+from _train_fixtures import dump, launch, losses, run, subprocess_env, train_cfg, write_dataset
 
 from cambrian_core.model.io import load_weights
 from cambrian_core.train.runners.deepspeed import fill_ds_config, resolve_config_path
@@ -77,18 +77,7 @@ def test_the_deepspeed_launcher_starts_the_recipe(tmp_path: Path) -> None:
     cfg = dump(
         train_cfg(records, tmp_path / "ds", runner=runner, data={"batch_size": 2}, **over), tmp_path / "c.py"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "cambrian_core.cli",
-        "train",
-        str(cfg),
-        "--launcher",
-        "deepspeed",
-        "--nproc",
-        "2",
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = launch(cfg, "deepspeed", 2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "-m deepspeed.launcher.runner --num_gpus=2 --no_local_rank --module cambrian_core.train"

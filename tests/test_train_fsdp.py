@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, losses, run, subprocess_env, train_cfg, write_dataset
+from _train_fixtures import dump, launch, losses, run, train_cfg, write_dataset
 
 from cambrian_core.model.io import load_weights
 
@@ -36,18 +34,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
         ),
         tmp_path / "fsdp.py",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "cambrian_core.cli",
-        "train",
-        str(cfg),
-        "--launcher",
-        "torchrun",
-        "--nproc",
-        "2",
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = launch(cfg, "torchrun", 2, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc_per_node=2" in proc.stderr
     assert "rank 0/2" in proc.stderr and "global batch 4 = 2 x accum 1 x 2 rank(s)" in proc.stderr
@@ -84,18 +71,7 @@ def test_fsdp_on_one_gpu_with_nccl(tmp_path: Path) -> None:
         train_cfg(records, tmp_path / "w", runner={"type": "fsdp"}, data={"batch_size": 4}, **over),
         tmp_path / "c.py",
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "cambrian_core.cli",
-        "train",
-        str(cfg),
-        "--launcher",
-        "torchrun",
-        "--nproc",
-        "1",
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = launch(cfg, "torchrun", 1, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/1 on cuda:0" in proc.stderr
     assert len(losses(tmp_path / "w")) == 3

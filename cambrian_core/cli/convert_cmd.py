@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cambrian_core.cli.argtypes import positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -24,11 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", default="template", help="QA generator (default: template, offline)")
     p.add_argument("--gen-opt", action="append", default=[], metavar="KEY=VALUE", help="generator keyword")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="converter keyword")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--shard", default="0/1", metavar="i/n", help="process shard i of n (stable hash of case id)"
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N cases of the shard")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N cases of the shard")
     p.add_argument(
         "--views", choices=("single", "multi"), default="single", help="one image or all views per sample"
     )
@@ -40,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "source's default",
     )
     p.add_argument(
-        "--max-size", type=int, default=None, help="shrink images so the longest side is at most N"
+        "--max-size", type=positive_int, default=None, help="shrink images so the longest side is at most N"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -74,20 +76,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    problems = [
-        f"{flag} must be >= 1, got {value}"
-        for flag, value in (
-            ("--workers", args.workers),
-            ("--limit", args.limit),
-            ("--max-size", args.max_size),
-        )
-        if value is not None and value < 1
-    ]
     src, out = Path(args.src).resolve(), Path(args.out).resolve()
     if out == src or (src.is_dir() and out.is_relative_to(src) and args.source == "llava"):
-        problems.append(f"--out {args.out} is inside --src {args.src}; write the converted data elsewhere")
-    if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
+        print(
+            f"error: --out {args.out} is inside --src {args.src}; write the converted data elsewhere",
+            file=sys.stderr,
+        )
         return 2
     conv_cfg = {"type": args.source, "src": args.src, "views": args.views, **parse_kv(args.opt, "--opt")}
     if args.window is not None:

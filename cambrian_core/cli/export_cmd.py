@@ -4,7 +4,6 @@ LoRA merge, dtype conversion, model cards)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +96,7 @@ def _dtype(args: argparse.Namespace) -> Path:
 def _card(args: argparse.Namespace) -> Path:
     from cambrian_core.export.card import CardSources, find_sources, write_model_card
     from cambrian_core.export.dtype import saved_folder
+    from cambrian_core.model.io import read_json
 
     folder, _ = saved_folder(args.model)
     if not Path(args.model).is_dir():
@@ -108,10 +108,7 @@ def _card(args: argparse.Namespace) -> Path:
     for path in map(Path, given):
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not a JSON file ({exc})") from None
+        read_json(path)  # a ValueError naming the file when it is not JSON
     found = find_sources(folder)
     sources = CardSources(
         Path(args.training_config) if args.training_config else found.training_config,

@@ -154,9 +154,13 @@ def _check_pixels(w: int, h: int, what: str, limits: ImageLimits) -> None:
         )
 
 
+#: name prefix of the temporary copy a scan upload is decoded from
+_UPLOAD_PREFIX = "cambrian-upload-"
+
+
 def _without(message: str, path: str) -> str:
     """``message`` without the name of the temporary copy of an upload (the caller names the image itself)."""
-    if Path(path).name.startswith("cambrian-upload-"):
+    if Path(path).name.startswith(_UPLOAD_PREFIX):
         return message.replace(f"{path}: ", "").replace(path, "the file")
     return message
 
@@ -209,7 +213,7 @@ def image_from_bytes(
             return img.convert("RGB")
         # 16-bit / float rasters: medimage rescales them (full range or the requested window)
     suffix = {"dicom": ".dcm", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"}.get(kind, ".bin")
-    fd, path = tempfile.mkstemp(suffix=suffix, prefix="cambrian-upload-")
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=_UPLOAD_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
