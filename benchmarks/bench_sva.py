@@ -83,7 +83,9 @@ def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
             n = 1 if layer == 0 else qn  # first layer: one shared query per image
             executed += 4 * c * c + 4 * n * c * c  # context half of proj_in (+proj_context), X half, q_proj
             for r2 in keys:
-                if r2 == 1:
+                if r2 == 1 and n == 1:  # the shared query into key space, scores, v projection, weighting
+                    executed += 2 * c * c + 2 * qn * c * heads + 2 * qn * c * c + qn * c
+                elif r2 == 1:
                     executed += 4 * qn * c * c + 3 * qn * c  # k and v projections, scores, weighting
                 else:  # query into key space, scores, window sums, value projection (the p.pos
                     # row dots ride on an R-times wider GEMM whose off-diagonal work is not counted)

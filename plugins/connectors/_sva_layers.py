@@ -187,19 +187,36 @@ Value = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def _one_key(
     q: torch.Tensor, p: torch.Tensor, k_proj: nn.Sequential, v_proj: nn.Sequential
 ) -> tuple[torch.Tensor, Value]:
-    """A tower with one key per cell: K and V projected directly (as many rows as query cells).
+    """A tower with one key per cell: V projected directly (as many rows as query cells), K too unless the
+    query is shared.
+
+    With one query for every cell (``n = 1``, a group's first layer) the query is taken into the key space
+    instead, as for windowed towers: ``q . k = LN0(x) . u + q . b`` with ``u = (W_k diag(gamma_k))^T q``
+    per head and ``LN0`` the LayerNorm without affine, so the keys' ``[q*q, C] x [C, C]`` GEMM becomes a
+    ``[q*q, C] x [C, h]`` one.
 
     Returns the scores ``[B, q*q, h, 1]`` (fp32) and the function taking the attention slice to the output.
     """
-    h, d = q.shape[-2:]
+    _, n, h, d = q.shape
     x = p[:, :, 0]  # [B, q*q, C]
-    k = k_proj(x).unflatten(-1, (h, d))
+    wide = torch.promote_types(q.dtype, torch.float32)
+    if n == 1 and x.shape[1] > 1:
+        wk, bk = _fold(k_proj)
+        u = torch.einsum("bhd,hdc->bch", q[:, 0], wk.view(h, d, -1).to(q.dtype))  # [B, C, h]
+        normed = F.layer_norm(x, x.shape[-1:], eps=k_proj[0].eps)
+        scores = torch.bmm(normed.to(u.dtype), u)  # [B, q*q, h]
+        if bk is not None:
+            scores = scores + (q[:, 0] * bk.view(h, d).to(q.dtype)).sum(-1).unsqueeze(1)
+        scores = scores.unsqueeze(-1).to(wide)
+    else:
+        k = k_proj(x).unflatten(-1, (h, d))
+        scores = (q * k).sum(-1, keepdim=True).to(wide)
     v = v_proj(x).unflatten(-1, (h, d))
 
     def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         return a * v if acc is None else acc.addcmul_(a, v)
 
-    return (q * k).sum(-1, keepdim=True).to(torch.promote_types(q.dtype, torch.float32)), value
+    return scores, value
 
 
 def _same_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
