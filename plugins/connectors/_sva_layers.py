@@ -4,8 +4,8 @@ Parameters and their state-dict names are the reference's (``proj_context``, ``p
 ``proj_out.linear_{1,2}``, ``cross_attn.{q,k_<t>,v_<t>}_proj.{0,1}``, ``cross_attn.o_proj``,
 ``pos_embed_<t>``). Only the arithmetic is rearranged, exactly up to float rounding:
 
-* Towers with one key per query cell (window side ``r = 1``) are projected as the reference does: each
-  map has as many rows as there are query cells.
+* Towers with one key per query cell (window side ``r = 1``) are projected as the reference does (each
+  map has as many rows as there are query cells), except for the keys in a group's first layer (below).
 * Towers with ``R = r*r > 1`` keys per cell never get per-key K/V. ``k = LN(p + pos) W_k^T`` is linear
   in ``LN(p + pos)``, so the per-head query is taken into the key space (``u = (W_k diag(gamma_k))^T q``)
   and the LayerNorm is applied through the row statistics of ``x = p + pos`` (the rows' mean and mean
@@ -15,7 +15,8 @@ Parameters and their state-dict names are the reference's (``proj_context``, ``p
   costs O(query cells x C^2) instead of O(keys x C^2)
   (576 rows instead of 9216 for the Cambrian-8B ConvNeXt tower) in every layer and in-LLM sampler.
 * When every query cell starts from the same vector (first layer of a query group), ``proj_in``,
-  ``q_proj`` and the query side of the scores are computed once per image and broadcast.
+  ``q_proj`` and the query side of the scores are computed once per image and broadcast, and one-key
+  towers meet that query in their key space too (``[cells, C] x [C, heads]`` instead of projecting keys).
 """
 
 from __future__ import annotations
