@@ -239,6 +239,20 @@ def _strided_batches_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def _bmm_swapped(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bmm(a, b).transpose(0, 1)`` as a contiguous tensor.
+
+    Eager: the GEMM writes through the transposed view of the result (no copy; bf16 and fp32 on CPU: 20-55 %
+    less time than GEMM + copy at the Cambrian-8B windows). Under ``torch.compile`` a GEMM and a copy, which
+    inductor fuses better than the functionalised ``out=`` (measured: the ``out=`` form is ~12 % slower there).
+    """
+    if torch.compiler.is_compiling():
+        return torch.bmm(a, b).transpose(0, 1).contiguous()
+    out = a.new_empty(a.shape[1], a.shape[0], b.shape[2])
+    torch.bmm(a, b, out=out.transpose(0, 1))
+    return out
+
+
 class _KeySpaceScores(torch.autograd.Function):
     """``raw[N, rows, h] = p[N, rows, :] . u[N, h, :]`` with ``u[N, h] = q[h, N] @ W_k[h]`` (the query in key space),
     and ``dot[N, rows] = p[N, rows, :] . pos[row % R]`` (``pos``: ``[R, C]``) for the LayerNorm statistics.
@@ -257,9 +271,8 @@ class _KeySpaceScores(torch.autograd.Function):
         p: torch.Tensor,
         pos: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        u = torch.bmm(q, w).transpose(0, 1)  # [N, h, C] (a view of [h, N, C])
-        if not _strided_batches_ok(u):
-            u = u.contiguous()
+        # [N, h, C]: a strided view where the GEMMs read one at no loss, else written through a transposed view
+        u = torch.bmm(q, w).transpose(0, 1) if _strided_batches_ok(q) else _bmm_swapped(q, w)
         ctx.save_for_backward(q, w, p, u, pos)
         r2, c = pos.shape
         # the diagonal of one [rows, C] x [C, R] GEMM: R-fold work, but BLAS speed in every dtype where a
@@ -282,7 +295,7 @@ class _KeySpaceScores(torch.autograd.Function):
             full.diagonal(dim1=-2, dim2=-1).copy_(g_dot.reshape(-1, r2))
             grad_pos = full.view(-1, r2).to(p.dtype).t() @ p.reshape(-1, c)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_u = torch.bmm(g.transpose(1, 2), p).transpose(0, 1).contiguous()  # [h, N, C]
+            grad_u = _bmm_swapped(g.transpose(1, 2), p)  # [h, N, C]
             if ctx.needs_input_grad[0]:
                 grad_q = torch.bmm(grad_u, w.transpose(1, 2))
             if ctx.needs_input_grad[1]:
@@ -299,9 +312,8 @@ class _WeightedRowsProjected(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, p: torch.Tensor, w: torch.Tensor):
-        summed = torch.bmm(a, p).transpose(0, 1)  # [h, N, C] (a view of [N, h, C])
-        if not _strided_batches_ok(summed):
-            summed = summed.contiguous()
+        # [h, N, C], as u in _KeySpaceScores
+        summed = torch.bmm(a, p).transpose(0, 1) if _strided_batches_ok(a) else _bmm_swapped(a, p)
         ctx.save_for_backward(a, p, w, summed)
         return torch.bmm(summed, w)
 
@@ -313,7 +325,7 @@ class _WeightedRowsProjected(torch.autograd.Function):
         grad_w = torch.bmm(g.transpose(1, 2), summed).transpose(1, 2) if ctx.needs_input_grad[2] else None
         grad_a = grad_p = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_summed = torch.bmm(g, w.transpose(1, 2)).transpose(0, 1).contiguous()  # [N, h, C]
+            grad_summed = _bmm_swapped(g, w.transpose(1, 2))  # [N, h, C]
             if ctx.needs_input_grad[0]:
                 grad_a = torch.bmm(grad_summed, p.transpose(1, 2))
             if ctx.needs_input_grad[1]:
