@@ -115,6 +115,24 @@ def test_bad_samples_are_skipped_and_counted_never_replaced(tmp_path: Path) -> N
     assert report.total == 4
     assert report.summary().startswith("4 skipped: ")
     assert "missing image x1 (#2: " in report.summary()
+    # the pixel-free check finds the same samples; places are file and line
+    assert {i: ds.check(i).reason for i in range(len(ds)) if ds.check(i) is not None} == reasons
+    assert ds.where(2) == f"{data} line 3"
+    named = SkipReport()
+    named.add(items[2], ds.where)
+    assert (
+        named.details().startswith(f"missing image x1 ({data} line 3: ") and "missing.png" in named.details()
+    )
+
+
+def test_sample_places_count_blank_lines(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path, n=4, text_only_every=0)
+    lines = data.read_text().splitlines()
+    data.write_text("\n\n".join(lines) + "\n")  # a blank line between records: not samples, but lines
+    ds = LazySupervisedDataset(JsonlIndex([data]), toy_tokenize, image_tokens=5)
+    assert len(ds) == 4
+    assert [ds.where(i) for i in range(4)] == [f"{data} line {n}" for n in (1, 3, 5, 7)]
+    assert [ds.check(i) for i in range(4)] == [None] * 4
 
 
 def test_truncation_never_cuts_an_image(tmp_path: Path) -> None:

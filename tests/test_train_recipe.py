@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
+import logging
+import re
 import sys
 import types
 from pathlib import Path
@@ -211,12 +213,35 @@ def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
 
 
 def test_cli_dry_run_errors_and_launchers(
-    records: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    records: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = dump(train_cfg(records, tmp_path / "w"), tmp_path / "tiny.py")
     assert main(["train", str(cfg), "--dry-run", "--cfg-options", "data.batch_size=4"]) == 0
     assert "done: 0 steps" in capsys.readouterr().out
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+    # the dry run checks every sample (no pixels decoded) and names what training would skip
+    lines = records.read_text().splitlines()
+    lines[2] = lines[2].replace("images/2.png", "images/gone.png")
+    lines[6] = lines[6][:30]
+    flawed = tmp_path / "flawed.jsonl"
+    flawed.write_text("\n".join(lines) + "\n")
+    (tmp_path / "images").symlink_to(records.parent / "images")
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(cfg), "--dry-run", "--cfg-options", f"data.train={flawed}"]) == 0
+    said = [r.getMessage() for r in caplog.records if "dry run:" in r.getMessage()]
+    assert any(
+        m.startswith("== dry run: 2 of 16 training samples would be skipped: ")  # 4 text-only left out
+        and f"missing image x1 ({flawed} line 3: " in m
+        and f"malformed line x1 ({flawed} line 7: " in m
+        for m in said
+    ), said
+    caplog.clear()
+    assert main(["train", str(cfg), "--dry-run", "--cfg-options", "data.val_fraction=0.25"]) == 0
+    said = [r.getMessage() for r in caplog.records if "dry run:" in r.getMessage()]
+    assert any(re.fullmatch(r"== dry run: all 1\d training samples pass the data checks", m) for m in said)
+    assert "== dry run: all 5 held-out samples pass the data checks" in said
+    capsys.readouterr()
 
     missing = dump(train_cfg(tmp_path / "nope.jsonl", tmp_path / "w2"), tmp_path / "bad.py")
     assert main(["train", str(missing)]) == 2

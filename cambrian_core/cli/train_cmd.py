@@ -37,7 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per node for --launcher (default 1)")
     p.add_argument(
-        "--dry-run", action="store_true", help="run checks and setup, print the plan, do not train"
+        "--dry-run",
+        action="store_true",
+        help="run checks and setup, print the plan, check every sample (no pixels decoded) and name those "
+        "training would skip, with file and line; do not train",
     )
     p.set_defaults(func=run)
 

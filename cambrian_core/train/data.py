@@ -50,6 +50,18 @@ class Skipped(NamedTuple):
     detail: str = ""
 
 
+class _Prepared(NamedTuple):
+    """A sample that passed every check but is not loaded yet (image headers read, tokens truncated)."""
+
+    paths: list[Path]
+    images: list[Image.Image]
+    sizes: list[tuple[int, int]]
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    kept: int  #: images kept after truncation
+    length: int  #: LLM sequence length, image tokens included
+
+
 class SkipReport:
     """Counts skipped samples by reason (the trainer logs it; a few examples are kept for the log)."""
 
@@ -58,11 +70,13 @@ class SkipReport:
         self.examples: dict[str, list[str]] = {}
         self.keep = keep_examples
 
-    def add(self, s: Skipped) -> None:
+    def add(self, s: Skipped, where: Callable[[int], str] | None = None) -> None:
+        """Count ``s``; ``where`` names a kept example's place (``index -> "file line N"``; default ``#index``)."""
         self.counts[s.reason] += 1
         ex = self.examples.setdefault(s.reason, [])
         if len(ex) < self.keep:
-            ex.append(f"#{s.index}: {s.detail}" if s.detail else f"#{s.index}")
+            place = where(s.index) if where is not None else f"#{s.index}"
+            ex.append(f"{place}: {s.detail}" if s.detail else place)
 
     @property
     def total(self) -> int:
@@ -70,10 +84,11 @@ class SkipReport:
 
     def summary(self) -> str:
         """``"3 skipped: missing image x2 (#4: a.png, ...), malformed line x1 (...)"``."""
-        if not self.total:
-            return "0 skipped"
-        parts = [f"{r} x{n} ({'; '.join(self.examples[r])})" for r, n in self.counts.most_common()]
-        return f"{self.total} skipped: " + ", ".join(parts)
+        return f"{self.total} skipped: {self.details()}" if self.total else "0 skipped"
+
+    def details(self) -> str:
+        """``"missing image x2 (#4: a.png, ...), malformed line x1 (...)"``, most frequent reason first."""
+        return ", ".join(f"{r} x{n} ({'; '.join(self.examples[r])})" for r, n in self.counts.most_common())
 
 
 # --------------------------------------------------------------------------------------------------- index
@@ -112,41 +127,46 @@ class JsonlIndex:
         self.offsets = np.concatenate([p["offsets"] for p in parts])
         self.text_lengths = np.concatenate([p["lengths"] for p in parts])
         self.num_images = np.concatenate([p["images"] for p in parts])
+        self.malformed = np.concatenate([p["malformed"] for p in parts])  #: lines that are not a JSON object
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     @staticmethod
     def _scan(path: Path) -> dict[str, np.ndarray]:
-        offsets, lengths, images = [], [], []
+        offsets, lengths, images, malformed = [], [], [], []
         pos = 0
         with open(path, "rb") as f:
             for line in f:
                 if line.strip():
                     try:
                         rec = json.loads(line)
-                        n, k = _estimate_length(rec) if isinstance(rec, dict) else (1, 0)
                     except ValueError:
-                        n, k = 1, 0  # kept: reading it later reports it as malformed, in its place
+                        rec = None
+                    # a line that is not a JSON object is kept: reading it reports it as malformed, in its place
+                    bad = not isinstance(rec, dict)
+                    n, k = (1, 0) if bad else _estimate_length(rec)
                     offsets.append(pos)
                     lengths.append(n)
                     images.append(k)
+                    malformed.append(bad)
                 pos += len(line)
         return {
             "offsets": np.asarray(offsets, np.int64),
             "lengths": np.asarray(lengths, np.int64),
             "images": np.asarray(images, np.int32),
+            "malformed": np.asarray(malformed, bool),
         }
 
     def _load_or_build(self, path: Path, cache_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
         if cache_dir is None:
             return self._scan(path)
         st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"v2|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
         cached = Path(cache_dir) / f"{path.stem}-{key}.npz"
         if cached.is_file():
             with np.load(cached) as z:
-                return {k: z[k] for k in ("offsets", "lengths", "images")}
+                return {k: z[k] for k in ("offsets", "lengths", "images", "malformed")}
         arrays = self._scan(path)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
@@ -263,7 +283,27 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def _n_image_tokens(self, size: tuple[int, int]) -> int:
         return self.image_tokens if isinstance(self.image_tokens, int) else int(self.image_tokens(*size))
 
-    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
+    def where(self, i: int) -> str:
+        """``records.jsonl line 17``: the file and 1-based line of sample ``i`` (reads the file up to it)."""
+        j = int(self.subset[i])
+        path = self.index.files[int(self.index.file_ids[j])]
+        remaining, newlines = int(self.index.offsets[j]), 0
+        with open(path, "rb") as f:
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                newlines += chunk.count(b"\n")
+                remaining -= len(chunk)
+        return f"{path} line {newlines + 1}"
+
+    def check(self, i: int) -> Skipped | None:
+        """Why sample ``i`` would be skipped, or ``None``: every check of ``__getitem__`` that needs no pixel data
+        (the record, its images' existence and headers, the target mask, truncation)."""
+        got = self._prepare(i)
+        return got if isinstance(got, Skipped) else None
+
+    def _prepare(self, i: int) -> _Prepared | Skipped:
         try:
             rec = self.read_record(i)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -299,6 +339,13 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
                 else f"no target tokens within max_length={self.max_length}"
             )
             return Skipped(i, why)
+        return _Prepared(paths, images, sizes, ids_t, labels_t, kept, length)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
+        got = self._prepare(i)
+        if isinstance(got, Skipped):
+            return got
+        paths, images, sizes, ids_t, labels_t, kept, length = got
         sample: dict[str, Any] = {
             "index": i,
             "input_ids": ids_t,

@@ -156,6 +156,8 @@ class TrainRecipe:
         self.checks()
         self.setup()
         if self.dry_run:
+            if self.runner.is_main:
+                self.check_data()
             self.announce("dry run: stopping after setup")
             self.runner.teardown()
             return self.summary()
@@ -167,6 +169,34 @@ class TrainRecipe:
             raise
         self.cleanup()
         return self.summary()
+
+    def check_data(self) -> SkipReport:
+        """Every training and held-out sample through the checks that need no pixel data (record, image files
+        and headers, target mask, truncation): what training would skip, by reason, with file and line.
+
+        Adds to ``self.skips`` (so the run's summary has the counts). Pixel data is not decoded: an image whose
+        header is fine but whose data is truncated is still only found (and skipped) when training reads it.
+        """
+        from tqdm.auto import tqdm
+
+        for name, ds in (("training", self.train_set), ("held-out", self.val_set)):
+            if ds is None or not len(ds):
+                continue
+            report = SkipReport()
+            for i in tqdm(
+                range(len(ds)), desc=f"dry run: checking {name} samples", unit="sample", leave=False
+            ):
+                skipped = ds.check(i)
+                if skipped is not None:
+                    report.add(skipped, ds.where)
+                    self.skips.add(skipped, ds.where)
+            if report.total:
+                self.announce(
+                    f"dry run: {report.total} of {len(ds)} {name} samples would be skipped: {report.details()}"
+                )
+            else:
+                self.announce(f"dry run: all {len(ds)} {name} samples pass the data checks")
+        return self.skips
 
     def announce(self, text: str) -> None:
         if getattr(self, "runner", None) is None or self.runner.is_main:
@@ -377,12 +407,12 @@ class TrainRecipe:
             val_index, train_ids, val_ids = index, np.sort(perm[n_val:]), np.sort(perm[:n_val])
         if not any(p.requires_grad for p in model.llm.parameters()):
             # nothing a text-only sample reaches trains in this stage (the LLM is frozen): it carries no gradient
-            text_only = train_ids[index.num_images[train_ids] == 0]
-            if len(text_only):
-                train_ids = train_ids[index.num_images[train_ids] > 0]
-                self.announce(
-                    f"setup: {len(text_only)} text-only samples left out (the LLM is frozen in this stage)"
-                )
+            # (malformed lines stay: reading them reports them, so they are never dropped unannounced)
+            text_only = (index.num_images == 0) & ~index.malformed
+            if text_only[train_ids].any():
+                n_text = int(text_only[train_ids].sum())
+                train_ids = train_ids[~text_only[train_ids]]
+                self.announce(f"setup: {n_text} text-only samples left out (the LLM is frozen in this stage)")
         self.train_set = LazySupervisedDataset(index, subset=train_ids, **common)
         self.val_set = (
             LazySupervisedDataset(val_index, subset=val_ids, **common) if d.val or len(val_ids) else None
