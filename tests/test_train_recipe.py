@@ -243,6 +243,14 @@ def test_cli_dry_run_errors_and_launchers(
     assert "== dry run: all 5 held-out samples pass the data checks" in said
     capsys.readouterr()
 
+    assert main(["train", str(cfg), "--dry-run", "--nproc", "2"]) == 2  # would silently run one process
+    assert (
+        "--nproc 2 starts processes only with a launcher: add --launcher torchrun" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(cfg), "--launcher", "torchrun", "--nproc", "0"])
+    assert stop.value.code == 2 and "--nproc: must be >= 1, got 0" in capsys.readouterr().err
+
     missing = dump(train_cfg(tmp_path / "nope.jsonl", tmp_path / "w2"), tmp_path / "bad.py")
     assert main(["train", str(missing)]) == 2
     assert "data.train: file not found" in capsys.readouterr().err

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from cambrian_core.cli.argtypes import positive_int
+
 __all__ = ["add_parser", "launch_command", "run"]
 
 
@@ -35,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="start --nproc processes on this machine (torchrun: runners fsdp/deepspeed; deepspeed: its launcher)",
     )
-    p.add_argument("--nproc", type=int, default=1, help="processes per node for --launcher (default 1)")
+    p.add_argument(
+        "--nproc", type=positive_int, default=1, help="processes per node for --launcher (default 1)"
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -81,6 +85,13 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.launcher == "none" and args.nproc != 1 and "RANK" not in os.environ:
+        print(
+            f"error: --nproc {args.nproc} starts processes only with a launcher: add --launcher torchrun "
+            "(runners fsdp / deepspeed) or --launcher deepspeed, or drop --nproc",
+            file=sys.stderr,
+        )
+        return 2
     if args.launcher != "none" and "RANK" not in os.environ:
         cmd = launch_command(args)
         print("launching: " + " ".join(cmd), file=sys.stderr)
