@@ -393,6 +393,41 @@ def _window_keys(
     return scores, value
 
 
+class _TwoPartLinear(torch.autograd.Function):
+    """``proj_in([X, c])`` without forming the concatenation: ``X @ W[:, :k]^T + c @ W[:, k:]^T`` with one ``c``
+    (``[B, C]``) per image broadcast over its ``n`` rows of ``X`` (``[B, n, k]``).
+
+    The weight's gradient is one tensor whose halves are written by their own GEMMs. (Autograd through
+    ``W.split`` gets each half's gradient column-major and concatenates them: 14 vs 7 ms per layer in fp32
+    and 4.2 vs 1.6 ms in bf16 at the Cambrian-8B shape.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, c: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        k = x.shape[-1]
+        ctx.save_for_backward(x, c, w)
+        return (x @ w[:, :k].t()).add_((c @ w[:, k:].t()).unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor):
+        x, c, w = ctx.saved_tensors
+        k = x.shape[-1]
+        g_rows = g.reshape(-1, g.shape[-1])
+        g_img = g.sum(1)  # [B, C]: the context row of each image reaches all its n rows
+        grad_x = grad_c = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g_rows @ w[:, :k]).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_c = g_img @ w[:, k:]
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.empty_like(w)
+            torch.mm(g_rows.t(), x.reshape(-1, k), out=grad_w[:, :k])
+            torch.mm(g_img.t(), c, out=grad_w[:, k:])
+        return grad_x, grad_c, grad_w
+
+
 class CrossAttentionLayer(nn.Module):
     """One SVA layer: ``Z = proj_in([X, proj_context(ctx)])``; ``Z += attn(Z)``; ``X += MLP(LN(Z))``.
 
@@ -425,12 +460,14 @@ class CrossAttentionLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor, win: TowerWindows) -> torch.Tensor:
         """``queries`` ``[B, n, q_dim]`` (``n`` = 1 or ``q*q``), ``context`` ``[B, C]`` -> ``[B, q*q, q_dim]``."""
-        # split, not two slices: its backward writes the weight's gradient once (a slice's backward zero-fills it)
-        w_query, w_context = self.proj_in.weight.split(
-            [self.q_dim, self.proj_in.in_features - self.q_dim], dim=1
-        )
-        ctx = F.linear(self.proj_context(context), w_context).unsqueeze(1)  # once per image
-        z = F.linear(queries, w_query) + ctx
+        pc = self.proj_context(context)  # [B, C]: once per image
+        if torch.compiler.is_compiling():  # inductor fuses the split's gradient concatenation
+            w_query, w_context = self.proj_in.weight.split(
+                [self.q_dim, self.proj_in.in_features - self.q_dim], dim=1
+            )
+            z = F.linear(queries, w_query) + F.linear(pc, w_context).unsqueeze(1)
+        else:
+            z = _TwoPartLinear.apply(*_same_dtype(queries, pc, self.proj_in.weight))
         z = z + self.cross_attn(z, win, self.pos_embeds())
         return queries + self.proj_out(self.norm(z))
 
