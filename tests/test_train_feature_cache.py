@@ -101,6 +101,12 @@ def test_stage1_losses_with_cache_equal_without(
         raise AssertionError("the cache was rebuilt")
 
     monkeypatch.setattr(FeatureCache, "build", no_build)
+    # a dry run announces what the cache would take, and builds nothing
+    planned = tmp_path / "planned"
+    run(train_cfg(records, tmp_path / "dry", data={"feature_cache": str(planned)}, **over), dry_run=True)
+    log = (tmp_path / "dry" / "train.log").read_text()
+    assert len(re.findall(r"would build 16 of 16 images x \[\d+, \d+\] bf16 = ", log)) == 2, log
+    assert not list(planned.glob("*/*.safetensors"))
     reused = run(train_cfg(records, tmp_path / "reused", data={"feature_cache": str(cache_dir)}, **over))
     assert reused["losses"] == cached["losses"]
 

@@ -496,7 +496,8 @@ class TrainRecipe:
                 need = cache.estimate_bytes(len(status.missing))
                 free = shutil.disk_usage(Path(self.data.feature_cache).resolve().anchor).free
                 self.announce(
-                    f"setup: tower {t} ({cache.tower_class}): building {len(status.missing)} of {len(items)} images x "
+                    f"setup: tower {t} ({cache.tower_class}): {'would build' if self.dry_run else 'building'} "
+                    f"{len(status.missing)} of {len(items)} images x "
                     f"[{cache.token_len}, {cache.hidden_size}] bf16 = {human_bytes(need)} in {cache.folder} "
                     f"({human_bytes(free)} free)"
                 )
@@ -504,6 +505,8 @@ class TrainRecipe:
                     raise OSError(
                         f"the feature cache needs {human_bytes(need)} but only {human_bytes(free)} is free"
                     )
+                if self.dry_run:  # a dry run plans; building is the first thing a real run does
+                    continue
                 cache.build(
                     {h: items[h] for h in status.missing}, partial(_encode_images, tower, self.runner.device)
                 )
