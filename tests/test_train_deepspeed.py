@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, launch, losses, run, subprocess_env, train_cfg, write_dataset
+from _train_fixtures import (
+    dump,
+    launch,
+    losses,
+    run,
+    subprocess_env,
+    tiny_model_cfg,
+    train_cfg,
+    write_dataset,
+)
 
 from cambrian_core.model.io import load_weights
 from cambrian_core.train.runners.deepspeed import fill_ds_config, resolve_config_path
@@ -30,7 +39,17 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
         extra = {"checkpoint": {"interval": 2, "export": name == "zero3"}, **(vqa if name == "zero3" else {})}
         cfg = train_cfg(records, tmp_path / name, runner=runner, data={"batch_size": 2}, **{**over, **extra})
         configs.append(str(dump(cfg, tmp_path / f"{name}.py")))
-    # one launch runs all three (and a resume of the offload run to 6 steps): DeepSpeed start-up is paid once
+    # SVA reads child modules' weights in its own forward (folded LayerNorms, split proj_in, custom autograd
+    # functions): under ZeRO-3 with every parameter partitioned (no persistence threshold) it trains as one process
+    sva = {**over, "model": tiny_model_cfg(connector="sva")}
+    single_sva = run(train_cfg(records, tmp_path / "single_sva", data={"batch_size": 4}, **sva))
+    ds_cfg = json.loads(resolve_config_path("cambrian::_base_/runtime/zero3.json").read_text())
+    ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_all.json").write_text(json.dumps(ds_cfg))
+    runner = {"type": "deepspeed", "device": "cpu", "config": str(tmp_path / "zero3_all.json")}
+    cfg = train_cfg(records, tmp_path / "zero3_sva", runner=runner, data={"batch_size": 2}, **sva)
+    configs.append(str(dump(cfg, tmp_path / "zero3_sva.py")))
+    # one launch runs them all (and a resume of the offload run to 6 steps): DeepSpeed start-up is paid once
     driver = tmp_path / "driver.py"
     driver.write_text(
         textwrap.dedent(
@@ -51,6 +70,7 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
     for name in STAGES:
         got = losses(tmp_path / name)[:4]
         assert got == pytest.approx(single["losses"], rel=1e-5), name
+    assert losses(tmp_path / "zero3_sva") == pytest.approx(single_sva["losses"], rel=1e-5)
     resumed = losses(tmp_path / "zero3_offload")
     assert len(resumed) == 6 and "resuming from" in proc.stderr and "step_00000004" in proc.stderr
     state = torch.load(
