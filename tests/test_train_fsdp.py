@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, launch, losses, run, train_cfg, write_dataset
+from _train_fixtures import dump, launch, losses, run, tiny_model_cfg, train_cfg, write_dataset
 
 from cambrian_core.model.io import load_weights
 
@@ -61,6 +61,24 @@ def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
         r for r in map(json.loads, (tmp_path / "fsdp" / "metrics.jsonl").open()) if r["split"] == "vqa"
     ]
     assert [r["step"] for r in vqa_rows] == [2, 4]
+
+
+def test_two_process_fsdp_trains_sva_like_one_process(tmp_path: Path) -> None:
+    """SVA reads child modules' weights in its own forward (folded LayerNorms, proj_in halves, custom autograd
+    functions); with its parameters sharded over two processes it still trains as one process does."""
+    records = write_dataset(tmp_path / "data", n=12)
+    over = {
+        "schedule": {"max_steps": 3},
+        "checkpoint": {"interval": 100, "export": False},
+        "model": tiny_model_cfg(connector="sva"),
+    }
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    cfg = train_cfg(
+        records, tmp_path / "fsdp", runner={"type": "fsdp", "device": "cpu"}, data={"batch_size": 2}, **over
+    )
+    proc = launch(dump(cfg, tmp_path / "fsdp.py"), "torchrun", 2, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-5)
 
 
 @pytest.mark.gpu
