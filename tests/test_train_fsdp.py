@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, launch, losses, run, tiny_model_cfg, train_cfg, write_dataset
+from _train_fixtures import (
+    dump,
+    launch,
+    losses,
+    run,
+    subprocess_env,
+    tiny_model_cfg,
+    train_cfg,
+    write_dataset,
+)
 
 from cambrian_core.model.io import load_weights
 
@@ -79,6 +90,30 @@ def test_two_process_fsdp_trains_sva_like_one_process(tmp_path: Path) -> None:
     proc = launch(dump(cfg, tmp_path / "fsdp.py"), "torchrun", 2, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-5)
+
+
+def test_two_process_dry_run_checks_the_data_in_shares(tmp_path: Path) -> None:
+    """Each rank checks every other sample; rank 0 reports them all (reasons, file and line)."""
+    records = write_dataset(tmp_path / "data", n=12, text_only_every=0)
+    lines = records.read_text().splitlines()
+    lines[3] = lines[3].replace("images/3.png", "images/gone.png")  # checked by rank 1
+    lines[6] = lines[6][:30]  # rank 0
+    lines[9] = lines[9][:20]  # rank 1
+    records.write_text("\n".join(lines) + "\n")
+    cfg = train_cfg(
+        records, tmp_path / "fsdp", runner={"type": "fsdp", "device": "cpu"}, data={"batch_size": 2}
+    )
+    cfg_file = dump(cfg, tmp_path / "fsdp.py")
+    cmd = [sys.executable, "-m", "cambrian_core.cli", "train", str(cfg_file), "--launcher", "torchrun"]
+    proc = subprocess.run(
+        [*cmd, "--nproc", "2", "--dry-run"], env=subprocess_env(), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "would be skipped" in line]
+    assert len(said) == 1, proc.stderr[-3000:]  # rank 0 only
+    assert "dry run: 3 of 12 training samples would be skipped: " in said[0]
+    assert f"malformed line x2 ({records} line 7: " in said[0] and f"; {records} line 10: " in said[0]
+    assert f"missing image x1 ({records} line 4: " in said[0]
 
 
 @pytest.mark.gpu

@@ -27,11 +27,13 @@ from PIL import Image
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN_INDEX",
+    "SKIP_REASONS",
     "JsonlIndex",
     "LazySupervisedDataset",
     "SkipReport",
     "Skipped",
     "image_paths",
+    "skip_code",
     "tower_transform",
 ]
 
@@ -48,6 +50,26 @@ class Skipped(NamedTuple):
     index: int
     reason: str
     detail: str = ""
+
+
+#: the reasons a sample is skipped for (``Skipped.reason`` starts with one of them)
+SKIP_REASONS = (
+    "malformed line",
+    "missing image",
+    "masking error",
+    "bad conversation",
+    "image count mismatch",
+    "unreadable image",
+    "no target tokens",
+)
+
+
+def skip_code(reason: str) -> int:
+    """A small integer for a skip reason (1-based index in :data:`SKIP_REASONS`; one more for any other)."""
+    for code, known in enumerate(SKIP_REASONS, 1):
+        if reason.startswith(known):
+            return code
+    return len(SKIP_REASONS) + 1
 
 
 class _Prepared(NamedTuple):

@@ -43,8 +43,10 @@ from cambrian_core.train.collate import Collator
 from cambrian_core.train.data import (
     JsonlIndex,
     LazySupervisedDataset,
+    Skipped,
     SkipReport,
     image_paths,
+    skip_code,
     tower_transform,
 )
 from cambrian_core.train.feature_cache import FeatureCache, content_hash, human_bytes
@@ -156,8 +158,7 @@ class TrainRecipe:
         self.checks()
         self.setup()
         if self.dry_run:
-            if self.runner.is_main:
-                self.check_data()
+            self.check_data()
             self.announce("dry run: stopping after setup")
             self.runner.teardown()
             return self.summary()
@@ -174,22 +175,41 @@ class TrainRecipe:
         """Every training and held-out sample through the checks that need no pixel data (record, image files
         and headers, target mask, truncation): what training would skip, by reason, with file and line.
 
-        Adds to ``self.skips`` (so the run's summary has the counts). Pixel data is not decoded: an image whose
-        header is fine but whose data is truncated is still only found (and skipped) when training reads it.
+        Each rank checks every ``world_size``-th sample; one all-reduce of per-sample reason codes brings the
+        verdicts to rank 0, which re-reads a few examples per reason for their details and announces. The
+        skipped samples are added to ``self.skips`` on rank 0 (so the run's summary has the counts). Pixel
+        data is not decoded: an image whose header is fine but whose data is truncated is still only found
+        (and skipped) when training reads it.
         """
         from tqdm.auto import tqdm
 
+        r = self.runner
         for name, ds in (("training", self.train_set), ("held-out", self.val_set)):
             if ds is None or not len(ds):
                 continue
-            report = SkipReport()
-            for i in tqdm(
-                range(len(ds)), desc=f"dry run: checking {name} samples", unit="sample", leave=False
-            ):
+            codes = torch.zeros(len(ds), dtype=torch.float64)
+            mine = range(r.rank, len(ds), r.world_size)
+            desc = f"dry run: checking {name} samples" + (
+                f" (1/{r.world_size} per rank)" if r.world_size > 1 else ""
+            )
+            for i in tqdm(mine, desc=desc, unit="sample", leave=False, disable=not r.is_main):
                 skipped = ds.check(i)
                 if skipped is not None:
-                    report.add(skipped, ds.where)
-                    self.skips.add(skipped, ds.where)
+                    codes[i] = skip_code(skipped.reason)
+            codes = r.all_reduce(codes)  # each sample was checked by exactly one rank
+            if not r.is_main:
+                continue
+            report = SkipReport()
+            labels: dict[int, str] = {}
+            for i in codes.nonzero().flatten().tolist():
+                code = int(codes[i])
+                if code not in labels or report.counts[labels[code]] < report.keep:
+                    skipped = ds.check(i) or Skipped(i, "not skipped when read again")  # the details, here
+                    labels.setdefault(code, skipped.reason)
+                else:
+                    skipped = Skipped(i, labels[code])
+                report.add(skipped, ds.where)
+                self.skips.add(skipped, ds.where)
             if report.total:
                 self.announce(
                     f"dry run: {report.total} of {len(ds)} {name} samples would be skipped: {report.details()}"
