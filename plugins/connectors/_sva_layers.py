@@ -461,7 +461,8 @@ class CrossAttentionLayer(nn.Module):
     def forward(self, queries: torch.Tensor, context: torch.Tensor, win: TowerWindows) -> torch.Tensor:
         """``queries`` ``[B, n, q_dim]`` (``n`` = 1 or ``q*q``), ``context`` ``[B, C]`` -> ``[B, q*q, q_dim]``."""
         pc = self.proj_context(context)  # [B, C]: once per image
-        if torch.compiler.is_compiling():  # the split, as before: out= GEMMs are functionalised there (_bmm_swapped)
+        # compiled: the split, as before (out= GEMMs are functionalised there; see _bmm_swapped)
+        if torch.compiler.is_compiling():
             w_query, w_context = self.proj_in.weight.split(
                 [self.q_dim, self.proj_in.in_features - self.q_dim], dim=1
             )
