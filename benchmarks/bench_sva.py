@@ -20,6 +20,12 @@ tensors are not page-faulted in on every allocation; ``--allocator system`` meas
 Both variants are timed by default: eager PyTorch and the connector under ``torch.compile`` (what
 ``schedule.compile_connector`` trains with; the compilation happens in the untimed warm-up call).
 
+Each dtype also gets a floor measured in the same run: every matrix product one forward dispatches (and, in
+bf16, every cast of an fp32 weight autocast makes) is replayed alone on fresh operands of the same shapes,
+strides and dtypes, best of ``--repeats``. Their sum is a lower bound for any forward doing this work on this
+host, so it bounds the efficiency the targets ask about: where the bound is below a target, no reordering of
+the remaining (memory-bound) work can meet it.
+
 Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--variants eager,compiled]
           [--device cuda]
 """
@@ -34,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.cpu_allocator import ENV, tune_cpu_allocator
@@ -136,15 +143,115 @@ def matmul_peak(dtype: torch.dtype, repeats: int, device: str = "cpu") -> Timing
     return best_of(lambda: torch.mm(a, b, out=out), repeats)
 
 
+aten = torch.ops.aten
+#: matrix products (by overload packet) and how many FLOPs each does, from its operands' shapes
+_GEMMS: dict[Any, Callable[[list[tuple[int, ...]]], int]] = {
+    aten.mm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-1][1],
+    aten.addmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-1][1],
+    aten.bmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-2][2] * s[-1][2],
+    aten.baddbmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-2][2] * s[-1][2],
+    aten.mv: lambda s: 2 * s[-2][0] * s[-2][1],
+    aten.addmv: lambda s: 2 * s[-2][0] * s[-2][1],
+}
+
+
+class Spec(NamedTuple):
+    """Shape, strides and dtype of an operand, enough to replay an op on fresh data."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+
+    def make(self) -> torch.Tensor:
+        """Random data with these strides (a base buffer as large as the strides reach)."""
+        size = (
+            1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
+            if all(self.shape)
+            else 0
+        )
+        return torch.randn(size, device=self.device).to(self.dtype).as_strided(self.shape, self.stride)
+
+
+def _spec(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return Spec(tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type)
+    if isinstance(x, list | tuple):
+        return tuple(_spec(v) for v in x)
+    return x
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the matrix products a call dispatches, and the casts of ``weights`` (by storage) to other dtypes."""
+
+    def __init__(self, weights: set[int]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.ops: dict[tuple[Any, ...], int] = {}  # (op, args, kwargs as specs) -> times called
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        cast = (
+            func is aten._to_copy.default
+            and args[0].untyped_storage().data_ptr() in self.weights
+            and out.dtype != args[0].dtype
+        )
+        if func.overloadpacket in _GEMMS or cast:
+            key = (
+                func,
+                tuple(_spec(a) for a in args),
+                tuple(sorted((k, _spec(v)) for k, v in kwargs.items())),
+            )
+            self.ops[key] = self.ops.get(key, 0) + 1
+        return out
+
+
+class Floor(NamedTuple):
+    """Seconds the forward's matrix products and weight casts take when each is replayed alone."""
+
+    gemm: float  #: all matrix products, each at its standalone speed
+    gemm_flops: float  #: what they compute
+    gemm_calls: int
+    cast: float  #: autocast's casts of fp32 weights to the low dtype
+    cast_calls: int
+
+
+def forward_floor(forward: Callable[[], Any], model: torch.nn.Module, repeats: int) -> Floor:
+    """Replay every matrix product and weight cast of one ``forward()`` alone (best of ``repeats``) and sum."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    recorder = _Recorder(weights)
+    with recorder:
+        forward()
+    gemm = flops = cast = 0.0
+    gemm_calls = cast_calls = 0
+    for (func, arg_specs, kw_specs), count in recorder.ops.items():
+        args = [a.make() if isinstance(a, Spec) else a for a in arg_specs]
+        kwargs = {k: v.make() if isinstance(v, Spec) else v for k, v in kw_specs}
+        seconds = best_of(lambda func=func, args=args, kwargs=kwargs: func(*args, **kwargs), repeats).wall
+        if func.overloadpacket in _GEMMS:
+            shapes = [a.shape for a in arg_specs if isinstance(a, Spec)]
+            gemm += count * seconds
+            flops += count * _GEMMS[func.overloadpacket](shapes)
+            gemm_calls += count
+        else:
+            cast += count * seconds
+            cast_calls += count
+    return Floor(gemm, flops, gemm_calls, cast, cast_calls)
+
+
 def run(
-    shape: str, dtype_name: str, repeats: int, device: str = "cpu", compiled: bool = False
+    shape: str,
+    dtype_name: str,
+    repeats: int,
+    device: str = "cpu",
+    compiled: bool = False,
+    floor: Floor | None = None,
 ) -> dict[str, Any]:
     """Time forward and both forward+backward variants; print the table and the target verdicts."""
     cfg = SHAPES[shape]
     torch.manual_seed(0)
     model = build(CONNECTORS, {"type": "sva", **cfg}).to(device)
-    if compiled:  # what CambrianModel.compile_connector / schedule.compile_connector do
-        model.compile()
     flops = sva_flops(cfg)
     low = torch.bfloat16 if dtype_name == "bf16" else None
     feat_dtype = low or torch.float32  # bf16 towers hand bf16 features to the connector
@@ -155,6 +262,12 @@ def run(
     def forward() -> torch.Tensor:
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low is not None):
             return model(feats).tokens
+
+    if floor is None:  # recorded eagerly (a compiled forward dispatches the same products)
+        forward()
+        floor = forward_floor(forward, model, repeats)
+    if compiled:  # what CambrianModel.compile_connector / schedule.compile_connector do
+        model.compile()
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
@@ -206,8 +319,21 @@ def run(
             f"{labels[True]} {ratio:.2f}x (no target: its FLOPs alone are {ideal[True]:.2f}x the forward's, so it "
             f"can only reach {ratio_target}x with a backward faster per FLOP than the forward)"
         )
+        if floor is not None:
+            bound = floor.gemm + floor.cast
+            casts = (
+                f" + {floor.cast_calls} weight casts {floor.cast * 1e3:.1f} ms" if floor.cast_calls else ""
+            )
+            verdicts.append(
+                f"floor: the forward's {floor.gemm_calls} matrix products ({floor.gemm_flops / 1e9:.1f} GFLOP), each "
+                f"replayed alone, take {floor.gemm * 1e3:.1f} ms ({floor.gemm_flops / floor.gemm / 1e9 / pk:.0%} of "
+                f"peak){casts}, so no forward doing this work reaches more than "
+                f"{flops['executed'] / bound / 1e9 / pk:.1%} of peak on executed FLOPs here (this one spends "
+                f"{(t_fwd - bound) * 1e3:.1f} ms more: the other ops, and products slower in context than alone)"
+            )
         print("    " + "\n    ".join(verdicts))
         result[clock] = {"efficiency": eff, "ratio_frozen": getattr(steps[False], clock) / t_fwd}
+    result["floor"] = floor
     return result
 
 
@@ -263,8 +389,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; use eager and/or compiled")
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
+        floor = None  # measured with the eager model, shared with the compiled variant (the same products)
         for variant in variants:
-            run(shape, name, args.repeats, args.device, compiled=variant == "compiled")
+            floor = run(shape, name, args.repeats, args.device, compiled=variant == "compiled", floor=floor)[
+                "floor"
+            ]
 
 
 if __name__ == "__main__":

@@ -36,3 +36,30 @@ def test_analytic_forward_flops_match_the_counted_matrix_products():
     # the reference algorithm (every cell projects its shared query and all its keys) needs ~1.6x more
     assert 1.4 * counted < flops["reference"]
     assert 0 < flops["frozen_input"] < flops["executed"]
+
+
+def test_floor_replays_every_matrix_product_and_weight_cast_of_the_forward():
+    bench = _bench_module()
+    cfg = bench.SHAPES["quick"]
+    torch.manual_seed(0)
+    model = build(CONNECTORS, {"type": "sva", **cfg})
+    feats = [torch.randn(1, n, h) for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True)]
+    with FlopCounterMode(display=False) as counter:
+        model(feats)
+    counted = counter.get_total_flops()
+
+    floor = bench.forward_floor(lambda: model(feats), model, repeats=1)
+    # the flop counter sees the same products (it does not count the few matrix-vector ones)
+    assert counted <= floor.gemm_flops <= 1.01 * counted
+    assert floor.gemm_calls > 50 and floor.gemm > 0
+    assert floor.cast_calls == 0 and floor.cast == 0  # fp32: autocast casts nothing
+
+    def low() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model([f.bfloat16() for f in feats]).tokens
+
+    floor = bench.forward_floor(low, model, repeats=1)
+    assert counted <= floor.gemm_flops <= 1.01 * counted
+    # every Linear weight of the connector is cast once or more (shared-query layers reuse a few)
+    linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert floor.cast_calls >= linears and floor.cast > 0
