@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from cambrian_plugins.connectors.mlp import projector_config
 from cambrian_plugins.connectors.sva import SVAConnector
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.model.connector import Connector, ConnectorOutput
@@ -340,6 +341,39 @@ def test_sva_all_padding_gives_no_nan():
     # masked-mean context of an all-padding image falls back to the plain mean (same seed, same weights)
     masked = _ref_model(global_context="masked_mean")(feats, masks).tokens
     torch.testing.assert_close(masked, out.tokens)
+
+
+class _Products(TorchDispatchMode):
+    """Records (op name, operand dtypes and sizes) of the matrix products and dtype conversions of a call."""
+
+    OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "_to_copy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[torch.dtype, int]], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            operands = [(a.dtype, a.numel()) for a in args if isinstance(a, torch.Tensor)]
+            self.calls.append((name, operands, out.dtype))
+        return out
+
+
+def test_sva_bf16_model_keeps_window_rows_in_bf16():
+    """A bf16 connector without autocast (inference) multiplies the window rows in bf16: the fp32 attention
+    statistics must not promote them (that upcast every row of the windowed towers, in every layer)."""
+    torch.manual_seed(0)
+    m = tiny("sva").to(torch.bfloat16)
+    feats, masks = inputs(m, dtype=torch.bfloat16)
+    rows = feats[1].shape[0] * feats[1].shape[1] * m.vision_hidden_size  # the 8x8 tower's window rows
+    with torch.no_grad(), _Products() as products:
+        run_all(m, feats, masks)
+    big = [(name, ops, out) for name, ops, out in products.calls if any(n >= rows for _, n in ops)]
+    assert any(name == "bmm" for name, _, _ in big)  # the window rows do go through products
+    for name, ops, out in big:
+        assert out == torch.bfloat16 and all(dt == torch.bfloat16 for dt, _ in ops), (name, ops, out)
 
 
 def test_sva_llm_sample_keeps_padding_cells():

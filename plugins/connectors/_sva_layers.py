@@ -121,8 +121,9 @@ def _fold(proj: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor | None]:
     norm, lin = proj[0], proj[1]
     weight, bias = lin.weight, lin.bias
     if norm.bias is not None:
-        wide = torch.promote_types(weight.dtype, torch.float32)
-        shift = torch.mv(weight.to(wide), norm.bias.to(wide)).to(weight.dtype)
+        # in the weight's dtype: low-precision matrix-vector products accumulate in fp32 on CPU and GPU, and the
+        # result is rounded to that dtype anyway (an fp32 copy of a bf16 weight would cost a C x C upcast)
+        shift = torch.mv(weight, norm.bias.to(weight.dtype))
         bias = shift if bias is None else bias + shift
     if norm.weight is not None:
         weight = weight * norm.weight
@@ -378,7 +379,9 @@ def _window_keys(
 
     def value(a: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         w = a * inv.unsqueeze(2)  # [B, q*q, h, R]: attention over sigma = weights of the raw window rows
-        wr, pr, wvh = _same_dtype(w.reshape(b * cells, h, r2), p.view(b * cells, r2, c), wv_t)
+        # the weights (fp32 statistics) go to the rows' dtype: in a bf16 model without autocast (inference)
+        # promoting would upcast every window row and run these products in fp32
+        wr, pr, wvh = _same_dtype(w.reshape(b * cells, h, r2).to(p.dtype), p.view(b * cells, r2, c), wv_t)
         out = _WeightedRowsProjected.apply(wr, pr, wvh).transpose(0, 1).view(b, cells, h, d)
         shift = (w * mu.unsqueeze(2)).sum(-1, keepdim=True)  # the mu part: [B, q*q, h, 1]
         corr = shift * wv.sum(-1).view(h, d).to(wide).neg()
