@@ -22,9 +22,11 @@ Both variants are timed by default: eager PyTorch and the connector under ``torc
 
 Each dtype also gets a floor measured in the same run: every matrix product one forward dispatches (and, in
 bf16, every cast of an fp32 weight autocast makes) is replayed alone on fresh operands of the same shapes,
-strides and dtypes, best of ``--repeats``. Their sum is a lower bound for any forward doing this work on this
-host, so it bounds the efficiency the targets ask about: where the bound is below a target, no reordering of
-the remaining (memory-bound) work can meet it.
+strides and dtypes, best of ``--repeats``. With their operands hot in cache and nothing else running, their
+sum is a practical lower bound for any forward doing this work on this host, so it bounds the efficiency the
+targets ask about: where the bound is below a target, no reordering of the remaining (memory-bound) work can
+meet it. The compiled variant is given the eager floor (inductor may fuse the casts into other kernels, but
+still reads every fp32 weight, and computes the same products).
 
 Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--variants eager,compiled]
           [--device cuda]
@@ -263,7 +265,7 @@ def run(
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low is not None):
             return model(feats).tokens
 
-    if floor is None:  # recorded eagerly (a compiled forward dispatches the same products)
+    if floor is None:  # recorded eagerly (see the module docstring for the compiled variant)
         forward()
         floor = forward_floor(forward, model, repeats)
     if compiled:  # what CambrianModel.compile_connector / schedule.compile_connector do
@@ -389,11 +391,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; use eager and/or compiled")
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
-        floor = None  # measured with the eager model, shared with the compiled variant (the same products)
+        floor = None  # measured once per dtype with the eager model, shared by both variants
         for variant in variants:
-            floor = run(shape, name, args.repeats, args.device, compiled=variant == "compiled", floor=floor)[
-                "floor"
-            ]
+            result = run(shape, name, args.repeats, args.device, compiled=variant == "compiled", floor=floor)
+            floor = result["floor"]
 
 
 if __name__ == "__main__":
