@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,7 +21,9 @@ def _bench_module():
     return module
 
 
-def test_analytic_forward_flops_match_the_counted_matrix_products():
+@pytest.fixture(scope="module")
+def quick():
+    """The benchmark module, its quick-shape connector and inputs, and the FLOPs torch counts in its forward."""
     bench = _bench_module()
     cfg = bench.SHAPES["quick"]
     torch.manual_seed(0)
@@ -28,7 +31,11 @@ def test_analytic_forward_flops_match_the_counted_matrix_products():
     feats = [torch.randn(1, n, h) for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True)]
     with FlopCounterMode(display=False) as counter:
         model(feats)
-    counted = counter.get_total_flops()
+    return bench, cfg, model, feats, counter.get_total_flops()
+
+
+def test_analytic_forward_flops_match_the_counted_matrix_products(quick):
+    bench, cfg, _, _, counted = quick
     flops = bench.sva_flops(cfg)
     # the count leaves out only the off-diagonal work of the p . pos GEMM and the position embeddings'
     # own projections (a few percent at this shape), never more than it counts
@@ -38,16 +45,8 @@ def test_analytic_forward_flops_match_the_counted_matrix_products():
     assert 0 < flops["frozen_input"] < flops["executed"]
 
 
-def test_floor_replays_every_matrix_product_and_weight_cast_of_the_forward():
-    bench = _bench_module()
-    cfg = bench.SHAPES["quick"]
-    torch.manual_seed(0)
-    model = build(CONNECTORS, {"type": "sva", **cfg})
-    feats = [torch.randn(1, n, h) for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True)]
-    with FlopCounterMode(display=False) as counter:
-        model(feats)
-    counted = counter.get_total_flops()
-
+def test_floor_replays_every_matrix_product_and_weight_cast_of_the_forward(quick):
+    bench, _, model, feats, counted = quick
     floor = bench.forward_floor(lambda: model(feats), model, repeats=1)
     # the flop counter sees the same products (it does not count the few matrix-vector ones)
     assert counted <= floor.gemm_flops <= 1.01 * counted
