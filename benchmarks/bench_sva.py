@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.cpu_allocator import ENV, tune_cpu_allocator
@@ -146,14 +147,12 @@ def matmul_peak(dtype: torch.dtype, repeats: int, device: str = "cpu") -> Timing
 
 
 aten = torch.ops.aten
-#: matrix products (by overload packet) and how many FLOPs each does, from its operands' shapes
-_GEMMS: dict[Any, Callable[[list[tuple[int, ...]]], int]] = {
-    aten.mm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-1][1],
-    aten.addmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-1][1],
-    aten.bmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-2][2] * s[-1][2],
-    aten.baddbmm: lambda s: 2 * s[-2][0] * s[-2][1] * s[-2][2] * s[-1][2],
-    aten.mv: lambda s: 2 * s[-2][0] * s[-2][1],
-    aten.addmv: lambda s: 2 * s[-2][0] * s[-2][1],
+#: matrix products (by overload packet) and their FLOPs from the operands' shapes: torch's own formulas, plus the
+#: matrix-vector products torch's flop counter leaves out
+_GEMMS: dict[Any, Callable[..., int]] = {
+    **{op: flop_registry[op] for op in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)},
+    aten.mv: lambda mat, vec: 2 * mat[0] * mat[1],
+    aten.addmv: lambda acc, mat, vec: 2 * mat[0] * mat[1],
 }
 
 
@@ -234,7 +233,7 @@ def forward_floor(forward: Callable[[], Any], model: torch.nn.Module, repeats: i
         if func.overloadpacket in _GEMMS:
             shapes = [a.shape for a in arg_specs if isinstance(a, Spec)]
             gemm += count * seconds
-            flops += count * _GEMMS[func.overloadpacket](shapes)
+            flops += count * _GEMMS[func.overloadpacket](*shapes)
             gemm_calls += count
         else:
             cast += count * seconds
