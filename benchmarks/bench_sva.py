@@ -28,8 +28,13 @@ targets ask about: where the bound is below a target, no reordering of the remai
 meet it. The compiled variant is given the eager floor (inductor may fuse the casts into other kernels, but
 still reads every fp32 weight, and computes the same products).
 
+``--tower-input staged`` gives the ConvNeXt tower as the composed model hands it to SVA from a live tower
+(``StagedTokens``: its 64x64 and 32x32 stages projected on their own grids, then enlarged; 67.7 GFLOP fewer);
+the default is one 9216 x 5760 token matrix, what a feature cache holds. ``bench_staged_tower.py`` compares
+the two paths directly.
+
 Run:  python benchmarks/bench_sva.py [--quick] [--dtype fp32|bf16|both] [--repeats N] [--variants eager,compiled]
-          [--device cuda]
+          [--tower-input tokens|staged] [--device cuda]
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch.utils.flop_counter import flop_registry
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.cpu_allocator import ENV, tune_cpu_allocator
+from cambrian_core.model.encoder import StagedTokens
 
 SHAPES: dict[str, dict[str, Any]] = {
     "cambrian-8b": dict(
@@ -69,23 +75,46 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: the ConvNeXt-XXL tower's stages (channels, grid side) behind the last tower of each shape, for
+#: ``--tower-input staged`` (at 1024 px; the quick shape has quarter widths and half sides)
+STAGES: dict[str, list[tuple[int, int]]] = {
+    "cambrian-8b": [(384, 256), (768, 128), (1536, 64), (3072, 32)],
+    "quick": [(96, 128), (192, 64), (384, 32), (768, 16)],
+}
+
 #: (forward efficiency vs peak, fwd+bwd / forward) targets per dtype
 TARGETS = {"fp32": (0.85, 2.6), "bf16": (0.75, 3.0)}
 
 
-def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
+def _first_projection(cfg: dict[str, Any], stages: list[tuple[int, int]] | None) -> int:
+    """FLOPs of the towers' first Linear; ``stages``: the last tower comes staged (stages smaller than its grid
+    projected on their own grid, see ``StagedTokens``)."""
+    c = cfg["vision_hidden_size"]
+    dims = list(zip(cfg["in_token_lens"], cfg["in_channels"], strict=True))
+    if stages is None:
+        return sum(2 * n * h * c for n, h in dims)
+    n_last = dims[-1][0]
+    last = sum(2 * min(side * side, n_last) * ch * c for ch, side in stages)
+    return sum(2 * n * h * c for n, h in dims[:-1]) + last
+
+
+def sva_flops(
+    cfg: dict[str, Any], batch: int = 1, stages: list[tuple[int, int]] | None = None
+) -> dict[str, float]:
     """Analytic multiply-add FLOPs (2 per MAC) of one SVA forward.
 
     ``executed``: what this implementation computes; ``reference``: the algorithm of reference §B.4 as
-    written (every cell projects its shared query and every key); ``frozen_input``: the part of the
-    backward that is skipped when the tower features do not require grad (d/dx of the first Linear).
+    written (every cell projects its shared query and every key, towers as one token matrix);
+    ``frozen_input``: the part of the backward that is skipped when the tower features do not require grad
+    (d/dx of the first Linear). ``stages``: the last tower is given staged (``--tower-input staged``).
     """
     c, out_dim, f2 = cfg["vision_hidden_size"], cfg["out_dim"], cfg["token_len"]
     heads, depth = cfg["num_heads"], cfg["connector_depth"]
     queries = cfg.get("query_num_list") or [f2]
     sides = [math.isqrt(n) for n in cfg["in_token_lens"]]
-    proj = sum(2 * n * (h * c + c * c) for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True))
-    executed = reference = proj
+    second = sum(2 * n * c * c for n in cfg["in_token_lens"])
+    executed = _first_projection(cfg, stages) + second
+    reference = _first_projection(cfg, None) + second
     for qn in queries:
         q = math.isqrt(qn)
         keys = [(s // q) ** 2 for s in sides]
@@ -108,7 +137,7 @@ def sva_flops(cfg: dict[str, Any], batch: int = 1) -> dict[str, float]:
     head = 2 * f2 * (len(queries) * c * out_dim + out_dim * out_dim)
     executed += head
     reference += head
-    frozen = sum(2 * n * h * c for n, h in zip(cfg["in_token_lens"], cfg["in_channels"], strict=True))
+    frozen = _first_projection(cfg, stages)
     return {"executed": batch * executed, "reference": batch * reference, "frozen_input": batch * frozen}
 
 
@@ -241,6 +270,26 @@ def forward_floor(forward: Callable[[], Any], model: torch.nn.Module, repeats: i
     return Floor(gemm, flops, gemm_calls, cast, cast_calls)
 
 
+def tower_inputs(
+    shape: str, staged: bool, dtype: torch.dtype, device: str = "cpu"
+) -> tuple[list[torch.Tensor | StagedTokens], list[torch.Tensor]]:
+    """Random tower features for ``shape`` (the last tower as ``StagedTokens`` when ``staged``: stages larger
+    than its grid already shrunk and merged by the tower, smaller ones on their own grid) and the leaf
+    tensors."""
+    cfg = SHAPES[shape]
+    lens, widths = cfg["in_token_lens"], cfg["in_channels"]
+    feats: list[torch.Tensor | StagedTokens] = [
+        torch.randn(1, n, h, dtype=dtype, device=device) for n, h in zip(lens, widths, strict=True)
+    ]
+    leaves = list(feats)
+    if staged:  # the stages as the tower hands them over (the shrinking is the tower's work, not timed)
+        maps = [torch.randn(1, ch, s, s, dtype=dtype, device=device) for ch, s in STAGES[shape]]
+        tower = StagedTokens.from_maps(maps, math.isqrt(lens[-1]))
+        leaves = [*leaves[:-1], *tower.parts]
+        feats[-1] = tower
+    return feats, leaves
+
+
 def run(
     shape: str,
     dtype_name: str,
@@ -248,16 +297,16 @@ def run(
     device: str = "cpu",
     compiled: bool = False,
     floor: Floor | None = None,
+    staged: bool = False,
 ) -> dict[str, Any]:
     """Time forward and both forward+backward variants; print the table and the target verdicts."""
     cfg = SHAPES[shape]
     torch.manual_seed(0)
     model = build(CONNECTORS, {"type": "sva", **cfg}).to(device)
-    flops = sva_flops(cfg)
+    flops = sva_flops(cfg, stages=STAGES[shape] if staged else None)
     low = torch.bfloat16 if dtype_name == "bf16" else None
     feat_dtype = low or torch.float32  # bf16 towers hand bf16 features to the connector
-    lens, widths = cfg["in_token_lens"], cfg["in_channels"]
-    feats = [torch.randn(1, n, h, dtype=feat_dtype, device=device) for n, h in zip(lens, widths, strict=True)]
+    feats, leaves = tower_inputs(shape, staged, feat_dtype, device)
     grad = torch.randn(1, cfg["token_len"], cfg["out_dim"], dtype=low or torch.float32, device=device)
 
     def forward() -> torch.Tensor:
@@ -272,7 +321,7 @@ def run(
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
-        for f in feats:
+        for f in leaves:
             f.grad = None
         forward().backward(grad)
 
@@ -280,7 +329,7 @@ def run(
     fwd = best_of(forward, repeats)
     steps = {}
     for needs_grad in (False, True):
-        for f in feats:
+        for f in leaves:
             f.requires_grad_(needs_grad)
         steps[needs_grad] = best_of(train_step, repeats)
     peak_after = matmul_peak(low or torch.float32, repeats + 1, device)
@@ -365,6 +414,14 @@ def main() -> None:
         "schedule.compile_connector trains; its warm-up call includes the compilation, which is not timed)",
     )
     parser.add_argument(
+        "--tower-input",
+        choices=["tokens", "staged"],
+        default="tokens",
+        help="tokens (default): the ConvNeXt tower as one 9216 x 5760 token matrix (a feature cache, or a tower "
+        "without forward_staged); staged: as StagedTokens, what the composed model hands SVA from a live "
+        "multi-stage tower (its 64x64 and 32x32 stages projected before being enlarged)",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="cpu (default; the issue's targets are CPU targets) or cuda, for information",
@@ -377,9 +434,11 @@ def main() -> None:
         os.environ[ENV] = "system"
     tuned = tune_cpu_allocator()
     shape = "quick" if args.quick else "cambrian-8b"
-    flops = sva_flops(SHAPES[shape])
+    staged = args.tower_input == "staged"
+    flops = sva_flops(SHAPES[shape], stages=STAGES[shape] if staged else None)
     print(
         f"SVA benchmark, shape {shape}: {SHAPES[shape]}\n"
+        f"last tower given as {'StagedTokens ' + str(STAGES[shape]) if staged else 'one token matrix'}\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"allocator {'tuned (heap-only glibc malloc)' if tuned else 'system defaults'}\n"
         f"analytic forward FLOPs: executed {flops['executed'] / 1e9:.1f} G; the reference algorithm as written "
@@ -392,7 +451,15 @@ def main() -> None:
     for name in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
         floor = None  # measured once per dtype with the eager model, shared by both variants
         for variant in variants:
-            result = run(shape, name, args.repeats, args.device, compiled=variant == "compiled", floor=floor)
+            result = run(
+                shape,
+                name,
+                args.repeats,
+                args.device,
+                compiled=variant == "compiled",
+                floor=floor,
+                staged=staged,
+            )
             floor = result["floor"]
 
 

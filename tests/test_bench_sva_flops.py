@@ -62,3 +62,20 @@ def test_floor_replays_every_matrix_product_and_weight_cast_of_the_forward(quick
     # every Linear weight of the connector is cast once or more (shared-query layers reuse a few)
     linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert floor.cast_calls >= linears and floor.cast > 0
+
+
+def test_analytic_flops_of_a_staged_tower_match_the_counted_products(quick):
+    """``--tower-input staged``: the count follows the products of ``StagedTokens.project`` and the forward does
+    what the token-matrix forward does, minus the first projection's work on the enlarged stages."""
+    bench, cfg, model, _, counted_tokens = quick
+    feats, leaves = bench.tower_inputs("quick", staged=True, dtype=torch.float32)
+    assert len(leaves) == len(feats) - 1 + len(feats[-1].parts) == len(feats) + 2  # two stages merged
+    with FlopCounterMode(display=False) as counter:
+        model(feats)
+    counted = counter.get_total_flops()
+    flops = bench.sva_flops(cfg, stages=bench.STAGES["quick"])
+    tokens = bench.sva_flops(cfg)
+    # exactly the same uncounted remainder as the token-matrix forward (the p . pos GEMM's off-diagonal work)
+    assert counted - flops["executed"] == counted_tokens - tokens["executed"] >= 0
+    assert tokens["executed"] - flops["executed"] > 0.25 * tokens["executed"]  # a third at this shape
+    assert flops["reference"] == bench.sva_flops(cfg)["reference"]

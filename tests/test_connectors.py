@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.model.connector import Connector, ConnectorOutput
+from cambrian_core.model.encoder import StagedTokens
 
 DEFAULT_DIMS = {"in_channels": [32, 48], "in_token_lens": [16, 64], "out_dim": 64, "token_len": 16}
 
@@ -293,6 +294,37 @@ def test_sva_gradients_equal_the_plain_reference_loop(dtype):
     for name, a, b in zip([f"feature {t}" for t in range(3)] + names, got, ref, strict=True):
         b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda e, n=name: f"{n}: {e}")
+
+
+def test_sva_staged_tower_equals_its_tokens():
+    """A tower given as ``StagedTokens`` (shrunk, equal and small stages) gives the tokens, in-LLM sampler outputs
+    and gradients (parameters and stage maps) of the same tower given as its concatenated tokens."""
+    m = _ref_model().double()
+    g = torch.Generator().manual_seed(3)
+    feats = [
+        torch.randn(2, n, c, generator=g, dtype=torch.float64)
+        for n, c in zip([16, 64], [24, 40], strict=True)
+    ]
+    maps = [  # tower 2: 12x12 grid, 16 channels from stages on 24x24, 12x12, 6x6 and 3x3 grids
+        torch.randn(2, c, s, s, generator=g, dtype=torch.float64).requires_grad_(True)
+        for c, s in [(3, 24), (5, 12), (6, 6), (2, 3)]
+    ]
+    masks = _ref_masks()
+    hidden = torch.randn(2, 16, 48, generator=g, dtype=torch.float64)
+    outs = []
+    for staged in (False, True):
+        tower = StagedTokens.from_maps(maps, 12)
+        out = m([*feats, tower if staged else tower.tokens()], masks)
+        samples = [m.llm_sample(k, hidden, out.state, None) for k in range(2)]
+        total = out.tokens.square().sum() + sum(s.square().sum() for s in samples)
+        grads = torch.autograd.grad(total, [*maps, *m.parameters()])
+        outs.append((out.tokens, samples, grads))
+    (tok_a, samp_a, grad_a), (tok_b, samp_b, grad_b) = outs
+    torch.testing.assert_close(tok_b, tok_a, rtol=1e-10, atol=1e-10)
+    for a, b in zip(samp_a, samp_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grad_a, grad_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 def test_sva_reference_without_masks_and_single_group():

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cambrian_core.config.schema import check_component
+from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.registry import ENCODERS, build
 
 NAMES = ENCODERS.names()
@@ -67,6 +68,23 @@ def test_forward_shape_and_dtype(name, dtype):
     assert out.dtype == getattr(torch, dtype)
     assert torch.isfinite(out.float()).all()
     assert math.isqrt(enc.token_len) ** 2 == enc.token_len
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_staged_gives_the_forward_tokens(name):
+    """``forward_staged`` is ``forward`` for single-grid towers; a multi-stage tower's ``StagedTokens`` hold the
+    same tokens, and its first projection matches projecting those tokens."""
+    enc = tiny(name)
+    x = batch(enc)
+    with torch.no_grad():
+        out, staged = enc(x), enc.forward_staged(x)
+        if isinstance(staged, StagedTokens):
+            assert staged.shape == out.shape and staged.dtype == out.dtype
+            torch.testing.assert_close(staged.tokens(), out, rtol=0, atol=0)
+            lin = torch.nn.Linear(enc.hidden_size, 8)
+            torch.testing.assert_close(staged.project(lin), lin(out), rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(staged, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -292,6 +310,8 @@ def test_convnext_multi_stage_and_single_stage():
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]  # 16x16 shrinks and 2x2 grows to 4x4
     out = multi(x)
     torch.testing.assert_close(out, _resized(maps, 4), rtol=0, atol=1e-6)
+    staged = multi.forward_staged(x)  # 16x16 and 8x8 shrunk to the 4x4 grid and merged, 2x2 kept as it is
+    assert [tuple(p.shape) for p in staged.parts] == [(2, 48, 4, 4), (2, 32, 2, 2)]
     single = tiny("convnext", single_stage=True)
     assert single.hidden_size == 32
     single.load_state_dict(multi.state_dict())

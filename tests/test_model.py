@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cambrian_core import CONNECTORS, LLMS, MODELS, build
+from cambrian_core import CONNECTORS, ENCODERS, LLMS, MODELS, build
 from cambrian_core.config import ConfigError, load_config
-from cambrian_core.model.encoder import expand_to_square
+from cambrian_core.model.encoder import StagedTokens, expand_to_square
 from cambrian_core.model.masks import grid_masks, real_extents
 from cambrian_core.model.tokenize import IGNORE_INDEX, IMAGE_TOKEN_INDEX, tokenize_conversation
 
@@ -657,6 +657,37 @@ def _twice(blocks):
     if blocks is None:
         return None
     return ImageBlocks(blocks.embeds.repeat(2, 1), blocks.lengths.repeat(2), blocks.cells.repeat(2))
+
+
+# ------------------------------------------------------------------------------------------- staged towers
+def test_multi_stage_tower_reaches_sva_staged_with_the_loss_of_its_tokens():
+    """With SVA, a multi-stage tower hands the connector ``StagedTokens`` (its small stages projected before
+    they are enlarged); the loss and gradients are those of the same model fed the tower's tokens."""
+    towers = [
+        {"type": "test_patch", "width": 24, "patch": 8},
+        {"type": "convnext", **ENCODERS.get("convnext").tiny_config(), "image_size": 32, "freeze": False},
+    ]
+    sva = {"type": "sva", **CONNECTORS.get("sva").tiny_config()}
+    model = make(seed=2, vision_tower_aux_list=towers, connector=sva, stage="finetune").double()
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    seen = []
+    model.connector.register_forward_pre_hook(lambda mod, args: seen.append([type(f) for f in args[0]]))
+    batch_in = inputs(model)
+    batch_in["pixel_values"] = [p.double() for p in batch_in["pixel_values"]]
+    staged_loss = model(**batch_in).loss
+    staged_grads = torch.autograd.grad(staged_loss, list(params.values()), allow_unused=True)
+    feats = [tower(px) for tower, px in zip(model.towers, batch_in.pop("pixel_values"), strict=True)]
+    loss = model(**batch_in, tower_features=feats).loss
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    assert seen == [[torch.Tensor, StagedTokens], [torch.Tensor, torch.Tensor]]
+    torch.testing.assert_close(staged_loss, loss, rtol=1e-10, atol=1e-10)
+    names = list(params)
+    assert any(n.startswith("towers.1.") and g is not None for n, g in zip(names, staged_grads, strict=True))
+    for n, a, b in zip(names, staged_grads, grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None, n
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

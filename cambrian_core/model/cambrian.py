@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from cambrian_core.model.attention import VARLEN_ATTENTION, segment_bounds
 from cambrian_core.model.checks import STAGES, check_model_config, connector_config
 from cambrian_core.model.connector import Connector
+from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.model.llm import LanguageModel
 from cambrian_core.model.masks import grid_masks, real_extents
 from cambrian_core.model.samplers import SamplerContext, activate, install_hooks, recompute_context
@@ -240,8 +241,10 @@ class CambrianModel(nn.Module):
         self,
         pixel_values: Sequence[torch.Tensor] | None = None,
         tower_features: Sequence[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor] | None:
-        """Each tower's tokens ``[N_img, N_t, C_t]`` (from pixels, or checked precomputed features)."""
+        staged: bool = False,
+    ) -> list[torch.Tensor | StagedTokens] | None:
+        """Each tower's tokens ``[N_img, N_t, C_t]`` (from pixels, or checked precomputed features);
+        ``staged=True``: multi-stage towers return :class:`StagedTokens` (``forward_staged``)."""
         if pixel_values is not None and tower_features is not None:
             raise ValueError("pass pixel_values or tower_features (precomputed tower outputs), not both")
         given = pixel_values if pixel_values is not None else tower_features
@@ -254,7 +257,8 @@ class CambrianModel(nn.Module):
         if len(counts) != 1:
             raise ValueError(f"{what} entries hold different image counts {[int(x.shape[0]) for x in given]}")
         if pixel_values is not None:
-            return [tower(px) for tower, px in zip(self.towers, pixel_values, strict=True)]
+            run = [tower.forward_staged if staged else tower for tower in self.towers]
+            return [fn(px) for fn, px in zip(run, pixel_values, strict=True)]
         for i, (tower, feats) in enumerate(zip(self.towers, tower_features, strict=True)):
             want = (tower.token_len, tower.hidden_size)
             if feats.dim() != 3 or tuple(feats.shape[1:]) != want:
@@ -277,7 +281,7 @@ class CambrianModel(nn.Module):
         padding_side: Literal["right", "left"] = "right",
     ) -> tuple[SplicedBatch, SamplerContext | None]:
         """Encode the images, splice their blocks into the sequences and build the samplers' context."""
-        feats = self.encode_images(pixel_values, tower_features)
+        feats = self.encode_images(pixel_values, tower_features, staged=self.connector.accepts_staged)
         n = 0 if feats is None else int(feats[0].shape[0])
         pad_id = int(self.llm.tokenizer.pad_token_id)
         text = self.llm.embed_tokens(input_ids.masked_fill(input_ids < 0, pad_id))

@@ -53,6 +53,9 @@ class Connector(nn.Module, abc.ABC):
     sampler_layers: tuple[int, ...] = ()
     #: whether ``forward`` reads the padding ``masks`` (``False``: the model does not build them)
     uses_masks: bool = True
+    #: whether ``forward`` accepts :class:`~cambrian_core.model.encoder.StagedTokens` in place of a tower's
+    #: tensor (the model then asks multi-stage towers for ``forward_staged``); see ``StagedTokens.project``
+    accepts_staged: bool = False
 
     @classmethod
     def tiny_config(cls) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def check_inputs(
         raise ValueError(f"{owner}: got {len(masks)} masks for {len(features)} towers (use None for no mask)")
     batch = None
     for t, (f, c, n) in enumerate(zip(features, in_channels, in_token_lens, strict=True)):
-        if f.dim() != 3 or f.shape[1] != n or f.shape[2] != c:
+        if len(f.shape) != 3 or f.shape[1] != n or f.shape[2] != c:
             raise ValueError(
                 f"{owner}: tower {t} features have shape {tuple(f.shape)}, expected [N_img, {n}, {c}]"
             )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cambrian_core.model.connector import Connector, ConnectorOutput
-from cambrian_core.model.encoder import is_square
+from cambrian_core.model.encoder import StagedTokens, is_square
 
 from ._checks import bound_options, check_inputs, dims_from, raise_problems, tower_problems
 from ._sva_layers import LN_EPS, TowerWindows, VisionTokenSampler, make_windows
@@ -116,6 +116,9 @@ def _sva_problems(
 class SVAConnector(Connector):
     """Spatial Vision Aggregator with optional in-LLM samplers.
 
+    A tower may come as :class:`StagedTokens` (``accepts_staged``): its first projection then runs on each
+    stage's own grid where that is smaller, and the 5760-wide 96x96 ConvNeXt token matrix is never built.
+
     Defaults are Cambrian-1's training-argument defaults; the Cambrian-8B recipe uses
     ``connector_depth=3, connector_only=False, start_of_vision_sampler_layers=0,
     stride_of_vision_sampler_layers=3``.
@@ -135,6 +138,8 @@ class SVAConnector(Connector):
             included) or ``"masked_mean"`` (mean over that tower's real tokens).
         pos_embed_std: init std of the window position embeddings (reference: 1.0).
     """
+
+    accepts_staged = True
 
     def __init__(
         self,
@@ -210,9 +215,20 @@ class SVAConnector(Connector):
         for sampler in getattr(self, "vision_sampler_layers", ()):
             sampler.compile(*args, **kwargs)
 
-    def project_towers(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-tower ``Linear -> GELU -> Linear -> LayerNorm`` to C: ``[N_img, N_t, C]`` each."""
-        return [getattr(self, f"mm_projector_aux_{t}")(f) for t, f in enumerate(features)]
+    def project_towers(self, features: list[torch.Tensor | StagedTokens]) -> list[torch.Tensor]:
+        """Per-tower ``Linear -> GELU -> Linear -> LayerNorm`` to C: ``[N_img, N_t, C]`` each (a staged tower's
+        first Linear runs on each stage's smaller grid, see ``StagedTokens.project``)."""
+        out = []
+        for t, f in enumerate(features):
+            proj = getattr(self, f"mm_projector_aux_{t}")
+            if isinstance(f, StagedTokens):
+                x = f.project(proj[0])
+                for layer in list(proj)[1:]:
+                    x = layer(x)
+                out.append(x)
+            else:
+                out.append(proj(f))
+        return out
 
     def _context(self, first: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.global_context == "mean" or mask is None:
@@ -223,7 +239,7 @@ class SVAConnector(Connector):
         return torch.where(count > 0, masked, first.mean(dim=1))  # all-padding image: plain mean
 
     def forward(
-        self, features: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None
+        self, features: list[torch.Tensor | StagedTokens], masks: list[torch.Tensor | None] | None = None
     ) -> ConnectorOutput:
         check_inputs("sva", self.in_channels, self.in_token_lens, features, masks)
         maps = self.project_towers(features)

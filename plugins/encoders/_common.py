@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cambrian_core.model.encoder import VisionEncoder, is_square
+from cambrian_core.model.encoder import VisionEncoder, is_square, resize_map
 
 __all__ = [
     "DTYPES",
@@ -96,18 +95,6 @@ class PluginEncoder(VisionEncoder):
             if value is not None and not os.path.exists(os.fspath(value)):
                 problems.append(f"{key}={value!r} does not exist (towers load only from local files)")
         return problems
-
-
-def resize_map(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``[B, C, H, W]`` feature map -> ``[B, side*side, C]`` tokens (bilinear in fp32, antialiased when
-    shrinking), returned in the input dtype."""
-    dtype, (h, w) = x.dtype, x.shape[-2:]
-    if (h, w) != (side, side):
-        shrink = side < h or side < w
-        x = F.interpolate(
-            x.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink
-        )
-    return x.flatten(2).transpose(1, 2).to(dtype)
 
 
 def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

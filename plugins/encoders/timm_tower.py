@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.registry import suggest
 
-from ._common import PluginEncoder, load_module_weights, read_weights, resize_map
+from ._common import PluginEncoder, load_module_weights, read_weights
 
 __all__ = ["TimmEncoder"]
 
@@ -126,10 +127,17 @@ class TimmEncoder(PluginEncoder):
 
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Every chosen stage resized to the output grid and concatenated: ``[B, token_len, hidden_size]``."""
+        return self._stages(pixels).tokens()
+
+    def forward_staged(self, pixels: torch.Tensor) -> StagedTokens:
+        """The chosen stages as :class:`StagedTokens`: those smaller than the output grid not yet enlarged."""
+        return self._call_tower(self._stages, pixels)
+
+    def _stages(self, pixels: torch.Tensor) -> StagedTokens:
         maps = self.trunk.forward_intermediates(
             pixels, indices=list(self.stages), norm=self.final_norm, intermediates_only=True
         )
-        return torch.cat([resize_map(m, self.grid) for m in maps], dim=-1)
+        return StagedTokens.from_maps(maps, self.grid)
 
     def architecture_config(self) -> dict[str, Any]:
         return {

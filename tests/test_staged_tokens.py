@@ -1,0 +1,62 @@
+"""``StagedTokens``: a multi-stage tower's output whose small stages are projected before they are enlarged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cambrian_core.model.encoder import StagedTokens, resize_map
+
+
+def _maps(dtype=torch.float64, grad=False, batch=2):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 12, 12), (3, 6, 6), (4, 3, 3), (6, 2, 2)]  # shrunk, equal, enlarged (3 -> 6, 2 -> 6)
+    return [torch.randn(batch, *s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
+
+
+def test_from_maps_shrinks_large_stages_merges_them_and_keeps_small_ones():
+    staged = StagedTokens.from_maps(_maps(), 6)
+    assert [tuple(p.shape) for p in staged.parts] == [(2, 8, 6, 6), (2, 4, 3, 3), (2, 6, 2, 2)]
+    assert staged.shape == (2, 36, 18) and staged.dtype == torch.float64
+    want = torch.cat([resize_map(m, 6) for m in _maps()], dim=-1)
+    torch.testing.assert_close(staged.tokens(), want, rtol=0, atol=0)
+    backwards = StagedTokens.from_maps(_maps()[::-1], 6)  # only adjacent output-grid stages are merged
+    assert [tuple(p.shape) for p in backwards.parts] == [(2, 6, 2, 2), (2, 4, 3, 3), (2, 8, 6, 6)]
+    want = torch.cat([resize_map(m, 6) for m in _maps()[::-1]], dim=-1)
+    torch.testing.assert_close(backwards.tokens(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("order", ["large first", "small first"])
+def test_project_equals_the_projection_of_the_tokens_values_and_gradients(bias, order):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(18, 7, bias=bias).double()
+    maps = _maps(grad=True)
+    if order == "small first":
+        maps = maps[::-1]
+    staged = StagedTokens.from_maps(maps, 6)
+    got = staged.project(lin)
+    want = lin(staged.tokens())
+    assert got.shape == (2, 36, 7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    wrt = [*maps, *lin.parameters()]
+    for a, b in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_project_under_bf16_autocast_returns_the_products_dtype():
+    lin = torch.nn.Linear(18, 7)
+    staged = StagedTokens.from_maps(_maps(torch.float32), 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = staged.project(lin), lin(staged.tokens())
+    assert got.dtype == want.dtype == torch.bfloat16
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 1e-2
+
+
+def test_to_and_bad_widths():
+    staged = StagedTokens.from_maps(_maps(), 6).to(dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in staged.parts) and staged.side == 6
+    with pytest.raises(ValueError, match=r"widths \[8, 4, 6\] \(sum 18\) with a Linear of 20 inputs"):
+        staged.project(torch.nn.Linear(20, 4))
