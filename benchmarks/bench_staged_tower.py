@@ -22,7 +22,7 @@ import argparse
 import math
 
 import torch
-from bench_sva import SHAPES, STAGES, best_of
+from bench_sva import SHAPES, STAGES, add_common_args, best_of
 
 from cambrian_core import CONNECTORS, build
 from cambrian_core.cpu_allocator import tune_cpu_allocator
@@ -69,13 +69,7 @@ def run(shape: str, dtype_name: str, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="a smaller shape (quarter widths, half grid sides)"
-    )
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="timed repeats after one warm-up (min is reported)"
-    )
+    add_common_args(parser)
     args = parser.parse_args()
     tune_cpu_allocator()
     shape = "quick" if args.quick else "cambrian-8b"

@@ -391,8 +391,8 @@ def _met(ok: bool) -> str:
     return "MET" if ok else "NOT met"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """``--quick``, ``--dtype`` and ``--repeats``, shared with the other SVA benchmarks."""
     parser.add_argument(
         "--quick", action="store_true", help="a smaller shape (quarter widths, half grid sides)"
     )
@@ -400,6 +400,11 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed repeats after one warm-up (min is reported)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
     parser.add_argument(
         "--allocator",
         choices=["tuned", "system"],
