@@ -73,16 +73,23 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _resize_nchw(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, side, side]`` (bilinear in fp32 or wider, antialiased when shrinking), in the
+    input dtype."""
+    h, w = x.shape[-2:]
+    if (h, w) == (side, side):
+        return x
+    shrink = side < h or side < w
+    out = F.interpolate(
+        x.to(_wide(x.dtype)), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink
+    )
+    return out.to(x.dtype)
+
+
 def resize_map(x: torch.Tensor, side: int) -> torch.Tensor:
     """``[B, C, H, W]`` feature map -> ``[B, side*side, C]`` tokens (bilinear in fp32 or wider, antialiased
     when shrinking), returned in the input dtype."""
-    dtype, (h, w) = x.dtype, x.shape[-2:]
-    if (h, w) != (side, side):
-        shrink = side < h or side < w
-        x = F.interpolate(
-            x.to(_wide(dtype)), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink
-        )
-    return x.flatten(2).transpose(1, 2).to(dtype)
+    return _resize_nchw(x, side).flatten(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -111,14 +118,7 @@ class StagedTokens:
         for m in maps:
             h, w = m.shape[-2:]
             if h > side or w > side:
-                grid = F.interpolate(
-                    m.to(_wide(m.dtype)),
-                    size=(side, side),
-                    mode="bilinear",
-                    align_corners=False,
-                    antialias=True,
-                )
-                m = grid.to(m.dtype)
+                m = _resize_nchw(m, side)
             if parts and m.shape[-2:] == parts[-1].shape[-2:] == (side, side):
                 parts[-1] = torch.cat([parts[-1], m], dim=1)
             else:
