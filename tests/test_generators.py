@@ -157,7 +157,7 @@ def test_openai_retries_reasks_and_accounts(two_images: list[Path]) -> None:
     script = [
         RATE_LIMITED,
         SERVER_ERROR,
-        reply(completion("irrelevant"), sleep=1.5),  # the client gives up waiting after 0.5 s
+        reply(completion("irrelevant"), sleep=4.0),  # the client gives up waiting after 1.5 s
         reply(
             completion("Sure! Here are the questions: 1. What ...", prompt_tokens=300, completion_tokens=40)
         ),
@@ -165,7 +165,7 @@ def test_openai_retries_reasks_and_accounts(two_images: list[Path]) -> None:
     ]
     with FakeAPI(script) as api:
         gen = OpenAIGenerator(
-            model="gpt-test", base_url=api.url, api_key="sk-test", timeout=0.5, backoff=0.5, seed=0
+            model="gpt-test", base_url=api.url, api_key="sk-test", timeout=1.5, backoff=0.5, seed=0
         )
         sleeps = recording(gen)
         records = gen.generate(TinyConverter("x"), make_case(), two_images)
