@@ -26,18 +26,25 @@ def test_from_maps_shrinks_large_stages_merges_them_and_keeps_small_ones():
     torch.testing.assert_close(backwards.tokens(), want, rtol=0, atol=0)
 
 
+LAYOUTS = {  # which of _maps() a tower hands over, in which order
+    "large first": [0, 1, 2, 3],
+    "small first": [3, 2, 1, 0],
+    "output grid only": [0, 1],
+    "small only": [2, 3],
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("order", ["large first", "small first"])
-def test_project_equals_the_projection_of_the_tokens_values_and_gradients(bias, order):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_project_equals_the_projection_of_the_tokens_values_and_gradients(batch, bias, layout):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(18, 7, bias=bias).double()
-    maps = _maps(grad=True)
-    if order == "small first":
-        maps = maps[::-1]
+    maps = [_maps(grad=True, batch=batch)[k] for k in LAYOUTS[layout]]
+    lin = torch.nn.Linear(sum(m.shape[1] for m in maps), 7, bias=bias).double()
     staged = StagedTokens.from_maps(maps, 6)
     got = staged.project(lin)
     want = lin(staged.tokens())
-    assert got.shape == (2, 36, 7)
+    assert got.shape == (batch, 36, 7)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(want)
     wrt = [*maps, *lin.parameters()]
@@ -45,9 +52,10 @@ def test_project_equals_the_projection_of_the_tokens_values_and_gradients(bias, 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_project_under_bf16_autocast_returns_the_products_dtype():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_project_under_bf16_autocast_returns_the_products_dtype(batch):
     lin = torch.nn.Linear(18, 7)
-    staged = StagedTokens.from_maps(_maps(torch.float32), 6)
+    staged = StagedTokens.from_maps(_maps(torch.float32, batch=batch), 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = staged.project(lin), lin(staged.tokens())
     assert got.dtype == want.dtype == torch.bfloat16
