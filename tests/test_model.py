@@ -690,6 +690,33 @@ def test_multi_stage_tower_reaches_sva_staged_with_the_loss_of_its_tokens():
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=n)
 
 
+@pytest.mark.parametrize("connector", ["sva", "mlp2x_gelu"])
+def test_precomputed_staged_features_give_the_loss_of_their_tokens(connector):
+    """``StagedTokens`` as ``tower_features`` (a staged feature cache) reach SVA as they are and any other
+    connector as their tokens; the loss is that of the tokens either way."""
+    towers = [
+        {"type": "test_patch", "width": 24, "patch": 8},
+        {"type": "convnext", **ENCODERS.get("convnext").tiny_config(), "image_size": 32},
+    ]
+    conn = {"type": connector, **CONNECTORS.get(connector).tiny_config()}
+    model = make(seed=3, vision_tower_aux_list=towers, connector=conn).double()
+    seen = []
+    model.connector.register_forward_pre_hook(lambda mod, args: seen.append(type(args[0][1])))
+    batch_in = inputs(model)
+    pixels = [p.double() for p in batch_in.pop("pixel_values")]
+    staged = [model.towers[0](pixels[0]), model.towers[1].forward_staged(pixels[1])]
+    assert isinstance(staged[1], StagedTokens)
+    got = model(**batch_in, tower_features=staged).loss
+    want = model(**batch_in, tower_features=[staged[0], staged[1].tokens()]).loss
+    assert seen == [StagedTokens if connector == "sva" else torch.Tensor, torch.Tensor]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    bad = StagedTokens(staged[1].parts, 2)  # stages read as a 2x2 grid: a stale cache's layout
+    with pytest.raises(
+        ValueError, match=r"tower_features\[1\] has shape \(\d+, 4, \d+\); tower 1 \(ConvNextEncoder\) gives"
+    ):
+        model(**batch_in, tower_features=[staged[0], bad])
+
+
 # ------------------------------------------------------------------------------------------------ torch.compile
 @pytest.mark.slow
 def test_compiled_connector_gives_the_eager_loss_gradients_and_state_dict():

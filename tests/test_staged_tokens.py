@@ -68,3 +68,30 @@ def test_to_and_bad_widths():
     assert all(p.dtype == torch.float32 for p in staged.parts) and staged.side == 6
     with pytest.raises(ValueError, match=r"widths \[8, 4, 6\] \(sum 18\) with a Linear of 20 inputs"):
         staged.project(torch.nn.Linear(20, 4))
+
+
+def test_cat_batches_images_of_one_layout():
+    a, b = StagedTokens.from_maps(_maps(batch=2), 6), StagedTokens.from_maps(_maps(batch=1), 6)
+    both = StagedTokens.cat([a, b])
+    assert both.layout == a.layout == ((8, 6, 6), (4, 3, 3), (6, 2, 2)) and both.shape == (3, 36, 18)
+    torch.testing.assert_close(both.tokens(), torch.cat([a.tokens(), b.tokens()]), rtol=0, atol=0)
+    with pytest.raises(
+        ValueError, match=r"cannot batch StagedTokens of layouts .* \(side 6\) and .* \(side 3\)"
+    ):
+        StagedTokens.cat([a, StagedTokens.from_maps(_maps(batch=1), 3)])
+    with pytest.raises(ValueError, match="at least one"):
+        StagedTokens.cat([])
+
+
+def test_a_runner_moves_and_casts_staged_features_in_a_batch():
+    from cambrian_core.train.runners.base import move_to
+
+    staged = StagedTokens.from_maps(_maps(torch.float32), 6)
+    batch = {
+        "tower_features": [torch.ones(2, 36, 5), staged],
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+    }
+    moved = move_to(batch, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(moved["tower_features"][1], StagedTokens)
+    assert [p.dtype for p in moved["tower_features"][1].parts] == [torch.bfloat16] * 3
+    assert moved["tower_features"][0].dtype == torch.bfloat16 and moved["input_ids"].dtype == torch.long

@@ -116,3 +116,99 @@ def test_stage1_losses_with_cache_equal_without(
                 records, tmp_path / "full", stage="full", data={"feature_cache": str(cache_dir)}, **over
             )
         )
+
+
+def convnext() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build(ENCODERS, {"type": "convnext", **ENCODERS.get("convnext").tiny_config()}).eval()
+
+
+def encode_staged(t: torch.nn.Module, paths: list[Path]):
+    return t.forward_staged(torch.stack([t.preprocess(Image.open(p).convert("RGB")) for p in paths]))
+
+
+def test_staged_cache_stores_a_multi_stage_towers_stages(records: Path, tmp_path: Path) -> None:
+    images = {content_hash(p): p for p in sorted((records.parent / "images").glob("*.png"))}
+    t = convnext()
+    with torch.no_grad():
+        live = encode_staged(t, list(images.values()))
+    layout = live.layout  # the 16x16 and 8x8 stages shrunk to the 4x4 grid and merged with it, 2x2 kept
+    assert len(layout) == 2 and layout[1][1:] == (2, 2)
+    cache = FeatureCache(tmp_path, t, staged=True, shard_bytes=3 * sum(c * h * w for c, h, w in layout) * 2)
+    assert cache.stages == layout and cache.folder.name.endswith("-staged")
+    assert cache.describe() == f"stages {[list(s) for s in layout]}"
+    per_image = sum(c * h * w for c, h, w in layout) * 2
+    assert cache.estimate_bytes(16) == 16 * per_image < 16 * t.token_len * t.hidden_size * 2
+    assert cache.build(images, lambda ps: encode_staged(t, ps), batch_size=5) == 16
+    assert len(list(cache.folder.glob("shard_*.safetensors"))) == 6  # 3 images per shard
+    on_disk = sum(f.stat().st_size for f in cache.folder.glob("*.safetensors"))
+    assert 16 * per_image <= on_disk <= 16 * per_image * 1.25
+
+    hashes = list(images)
+    got = cache.batch(hashes[3:7])
+    assert got.layout == layout and got.parts[0].shape[0] == 4 and got.dtype == torch.bfloat16
+    for a, b in zip(got.parts, live.parts, strict=True):
+        torch.testing.assert_close(a.float(), b[3:7], rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # its tokens are the tower's output
+        torch.testing.assert_close(
+            got.tokens().float(), encode(t, [images[h] for h in hashes[3:7]]), rtol=2e-2, atol=2e-2
+        )
+
+    # the token cache of the same tower lives beside it; neither is the other's stale folder
+    tokens = FeatureCache(tmp_path, t)
+    assert tokens.stages is None and tokens.folder.name == cache.folder.name.removesuffix("-staged")
+    assert tokens.build(images, lambda ps: encode(t, ps)) == 16
+    assert tokens.status(images).stale == [] and cache.status(images).stale == []
+    assert tokens.status(images).complete and FeatureCache(tmp_path, t, staged=True).status(images).complete
+
+    # a tower without stages is cached as tokens whatever is asked
+    flat = FeatureCache(tmp_path, tower(), staged=True)
+    assert flat.stages is None and not flat.folder.name.endswith("-staged")
+
+    with pytest.raises(
+        ValueError, match=r"tower gave features \(5, 16, 80\), the cache expects 5 images of stages"
+    ):
+        FeatureCache(tmp_path / "other", t, staged=True).build(images, lambda ps: encode(t, ps), batch_size=5)
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    assert meta["stages"] == [list(s) for s in layout]
+    meta["stages"][0][0] += 1
+    (cache.folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StaleCacheError, match=r"holds stages \[\[.*\]\], the tower gives .* delete the folder"
+    ):
+        FeatureCache(tmp_path, t, staged=True).status(images)
+
+
+def test_sva_trains_on_cached_stages_with_the_losses_of_the_live_tower(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _train_fixtures import tiny_model_cfg
+
+    from cambrian_core.model.encoder import StagedTokens
+    from cambrian_core.registry import CONNECTORS
+
+    SVAConnector = CONNECTORS.get("sva")
+    model = tiny_model_cfg(connector="sva")
+    model["vision_tower_aux_list"][1] = {"type": "convnext", **ENCODERS.get("convnext").tiny_config()}
+    seen: list[type] = []
+    forward = SVAConnector.forward
+
+    def spy(self, features, *args, **kwargs):
+        seen.append(type(features[1]))
+        return forward(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(SVAConnector, "forward", spy)
+    over = {"model": model, "schedule": {"max_steps": 3}, "checkpoint": {"interval": 100}}
+    live = run(train_cfg(records, tmp_path / "live", **over))
+    assert set(seen) == {StagedTokens}
+    seen.clear()
+    cache_dir = tmp_path / "features"
+    cached = run(train_cfg(records, tmp_path / "cached", data={"feature_cache": str(cache_dir)}, **over))
+    assert set(seen) == {StagedTokens}  # read from the cache as stages, not as tokens
+    folders = sorted(p.name for p in cache_dir.iterdir())
+    assert len(folders) == 2 and folders[0].startswith("ClipEncoder-") and folders[1].endswith("-staged"), (
+        folders
+    )
+    assert cached["losses"] == pytest.approx(live["losses"], rel=2e-3)
+    log = (tmp_path / "cached" / "train.log").read_text()
+    assert re.search(r"building 16 of 16 images x stages \[\[\d+, 4, 4\], \[\d+, 2, 2\]\] bf16 = ", log), log

@@ -240,11 +240,12 @@ class CambrianModel(nn.Module):
     def encode_images(
         self,
         pixel_values: Sequence[torch.Tensor] | None = None,
-        tower_features: Sequence[torch.Tensor] | None = None,
+        tower_features: Sequence[torch.Tensor | StagedTokens] | None = None,
         staged: bool = False,
     ) -> list[torch.Tensor | StagedTokens] | None:
         """Each tower's tokens ``[N_img, N_t, C_t]`` (from pixels, or checked precomputed features);
-        ``staged=True``: multi-stage towers return :class:`StagedTokens` (``forward_staged``)."""
+        ``staged=True``: multi-stage towers return :class:`StagedTokens` (``forward_staged``), and precomputed
+        ``StagedTokens`` are passed on as they are (else turned into their tokens)."""
         if pixel_values is not None and tower_features is not None:
             raise ValueError("pass pixel_values or tower_features (precomputed tower outputs), not both")
         given = pixel_values if pixel_values is not None else tower_features
@@ -261,12 +262,12 @@ class CambrianModel(nn.Module):
             return [fn(px) for fn, px in zip(run, pixel_values, strict=True)]
         for i, (tower, feats) in enumerate(zip(self.towers, tower_features, strict=True)):
             want = (tower.token_len, tower.hidden_size)
-            if feats.dim() != 3 or tuple(feats.shape[1:]) != want:
+            if len(feats.shape) != 3 or tuple(feats.shape[1:]) != want:
                 raise ValueError(
                     f"tower_features[{i}] has shape {tuple(feats.shape)}; tower {i} ({type(tower).__name__}) "
                     f"gives [N_img, {want[0]}, {want[1]}] (stale feature cache?)"
                 )
-        return list(tower_features)
+        return [f.tokens() if isinstance(f, StagedTokens) and not staged else f for f in tower_features]
 
     # ------------------------------------------------------------------ sequences
     def prepare_inputs(
@@ -276,7 +277,7 @@ class CambrianModel(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: Sequence[torch.Tensor] | None = None,
         image_sizes: torch.Tensor | None = None,
-        tower_features: Sequence[torch.Tensor] | None = None,
+        tower_features: Sequence[torch.Tensor | StagedTokens] | None = None,
         position_ids: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
     ) -> tuple[SplicedBatch, SamplerContext | None]:
@@ -331,7 +332,7 @@ class CambrianModel(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: Sequence[torch.Tensor] | None = None,
         image_sizes: torch.Tensor | None = None,
-        tower_features: Sequence[torch.Tensor] | None = None,
+        tower_features: Sequence[torch.Tensor | StagedTokens] | None = None,
         position_ids: torch.Tensor | None = None,
         padding_side: Literal["right", "left"] = "right",
         loss_only: bool = False,
@@ -345,7 +346,8 @@ class CambrianModel(nn.Module):
             labels: ``[B, L]`` targets (``IGNORE_INDEX`` where no loss); image blocks never carry loss.
             pixel_values: one ``[N_img, 3, S_t, S_t]`` tensor per tower, images in sample order.
             image_sizes: ``[N_img, 2]`` original (width, height) per image; ``None`` = square images.
-            tower_features: precomputed tower outputs ``[N_img, N_t, C_t]`` instead of ``pixel_values``.
+            tower_features: precomputed tower outputs ``[N_img, N_t, C_t]`` (or ``StagedTokens``) instead of
+                ``pixel_values``.
             position_ids: ``[B, L]``; a 0 starts a new packed segment.
             padding_side: side of the padding of the expanded sequences (logits follow that layout).
             loss_only: with ``labels``, compute logits only at target positions and return the loss with
@@ -405,7 +407,7 @@ class CambrianModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: Sequence[torch.Tensor] | None = None,
         image_sizes: torch.Tensor | None = None,
-        tower_features: Sequence[torch.Tensor] | None = None,
+        tower_features: Sequence[torch.Tensor | StagedTokens] | None = None,
         max_new_tokens: int = 128,
         do_sample: bool = False,
         temperature: float = 1.0,

@@ -125,6 +125,25 @@ class StagedTokens:
                 parts.append(m)
         return cls(tuple(parts), side)
 
+    @classmethod
+    def cat(cls, items: Sequence[StagedTokens]) -> StagedTokens:
+        """The images of several ``StagedTokens`` of one layout in one batch (``torch.cat`` on images)."""
+        if not items:
+            raise ValueError("StagedTokens.cat needs at least one item")
+        first = items[0]
+        for it in items[1:]:
+            if it.side != first.side or it.layout != first.layout:
+                raise ValueError(
+                    f"cannot batch StagedTokens of layouts {first.layout} (side {first.side}) and {it.layout} "
+                    f"(side {it.side})"
+                )
+        return cls(tuple(torch.cat(ps) for ps in zip(*(it.parts for it in items), strict=True)), first.side)
+
+    @property
+    def layout(self) -> tuple[tuple[int, int, int], ...]:
+        """``(channels, height, width)`` of every part (the per-image shape, without the batch)."""
+        return tuple((int(p.shape[1]), int(p.shape[2]), int(p.shape[3])) for p in self.parts)
+
     @property
     def shape(self) -> torch.Size:
         """``[B, side*side, sum C_k]``, the shape of :meth:`tokens`."""

@@ -13,9 +13,15 @@ from typing import Any
 
 import torch
 
+from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.train.data import IGNORE_INDEX, Skipped
 
 __all__ = ["Collator", "pack_rows"]
+
+
+def _cat(xs: list[Any]) -> Any:
+    """One tower's images of the batch in one tensor (or one ``StagedTokens`` from a staged feature cache)."""
+    return StagedTokens.cat(xs) if isinstance(xs[0], StagedTokens) else torch.cat(xs)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -94,7 +100,7 @@ class Collator:
         for key in ("pixel_values", "tower_features"):
             per_tower = list(zip(*(s[key] for s in ordered if key in s), strict=True))
             if per_tower and any(x is not None for x in per_tower[0]):  # text-only batches carry no images
-                batch[key] = [torch.cat([x for x in tower if x is not None]) for tower in per_tower]
+                batch[key] = [_cat([x for x in tower if x is not None]) for tower in per_tower]
         batch["indices"] = [s["index"] for s in ordered]
         batch["sample_lengths"] = [int(s["length"]) for s in ordered]  # LLM tokens, image tokens included
         batch["num_tokens"] = sum(batch["sample_lengths"])

@@ -379,9 +379,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             from cambrian_core.train.feature_cache import content_hash
 
             hashes = [content_hash(p) for p in paths[:kept]]
-            sample["tower_features"] = [
-                torch.stack([c.get(h) for h in hashes]) if hashes else None for c in self.feature_caches
-            ]
+            sample["tower_features"] = [c.batch(hashes) if hashes else None for c in self.feature_caches]
         elif self.transforms:
             try:
                 rgb = [im.convert("RGB") for im in images[:kept]]

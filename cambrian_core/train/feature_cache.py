@@ -5,6 +5,11 @@ One folder per tower and weights: ``<root>/<TowerClass>-<tower.cache_key()>/`` h
 config, the shards with their sizes, ``complete``). Because the folder name carries the weights digest, changed
 tower weights never read old features: the old folder is reported as stale and a new one is built. A shard that
 is missing, truncated or unlisted (a build that was killed) is detected and its images are rebuilt.
+
+For a connector that takes :class:`~cambrian_core.model.encoder.StagedTokens` (SVA) and a multi-stage tower, the
+cache stores the tower's stages instead (``<TowerClass>-<key>-staged/``, tensors ``<hash>.<k>`` ``[C_k, h_k, w_k]``):
+what the live tower hands the connector, and smaller (ConvNeXt-XXL at 1024 px into 96x96 tokens: 20 M instead of
+53 M values per image).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from cambrian_core.model.encoder import StagedTokens
 
 __all__ = ["CacheStatus", "FeatureCache", "StaleCacheError", "content_hash", "human_bytes"]
 
@@ -66,6 +74,16 @@ class CacheStatus:
         return not self.missing
 
 
+def staged_layout(tower: Any) -> tuple[tuple[int, int, int], ...] | None:
+    """``(C_k, h_k, w_k)`` of the stages ``tower.forward_staged`` returns (one blank image through the tower),
+    or ``None`` when it returns plain tokens."""
+    param = next(tower.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        out = tower.forward_staged(torch.zeros(1, 3, tower.image_size, tower.image_size, device=device))
+    return out.layout if isinstance(out, StagedTokens) else None
+
+
 class FeatureCache:
     """The cache of one tower (see module docstring).
 
@@ -73,16 +91,23 @@ class FeatureCache:
         root: folder shared by runs (``data.feature_cache``); each tower gets a sub-folder.
         tower: the frozen ``VisionEncoder`` whose outputs are cached.
         shard_bytes: target shard size.
+        staged: store the tower's ``forward_staged`` stages when it has several (for connectors that accept
+            ``StagedTokens``); a tower without stages is cached as tokens either way.
     """
 
-    def __init__(self, root: str | os.PathLike, tower: Any, shard_bytes: int = 512 << 20) -> None:
+    def __init__(
+        self, root: str | os.PathLike, tower: Any, shard_bytes: int = 512 << 20, staged: bool = False
+    ) -> None:
         self.root = Path(root)
         self.tower_class = type(tower).__name__
         self.key = tower.cache_key()
         self.token_len = int(tower.token_len)
         self.hidden_size = int(tower.hidden_size)
         self.tower_config = tower.config_dict()
-        self.folder = self.root / f"{self.tower_class}-{self.key}"
+        #: per-image ``(C_k, h_k, w_k)`` of the stored stages, ``None`` for token tensors
+        self.stages = staged_layout(tower) if staged else None
+        suffix = "-staged" if self.stages is not None else ""
+        self.folder = self.root / f"{self.tower_class}-{self.key}{suffix}"
         self.shard_bytes = shard_bytes
         self._index: dict[str, str] | None = None
         self._handles: dict[str, Any] = {}
@@ -90,7 +115,15 @@ class FeatureCache:
     # ------------------------------------------------------------------------------------------ bookkeeping
     @property
     def bytes_per_image(self) -> int:
+        if self.stages is not None:
+            return sum(c * h * w for c, h, w in self.stages) * 2  # bf16
         return self.token_len * self.hidden_size * 2  # bf16
+
+    def describe(self) -> str:
+        """What one image's entry holds, e.g. ``[576, 1024]`` or ``stages [[1152, 96, 96], [4608, 32, 32]]``."""
+        if self.stages is not None:
+            return "stages " + str([list(s) for s in self.stages])
+        return f"[{self.token_len}, {self.hidden_size}]"
 
     def estimate_bytes(self, n_images: int) -> int:
         """Disk size of ``n_images`` cached feature maps (bf16, shard headers not counted)."""
@@ -113,6 +146,7 @@ class FeatureCache:
             "tower": self.tower_config,
             "token_len": self.token_len,
             "hidden_size": self.hidden_size,
+            "stages": None if self.stages is None else [list(s) for s in self.stages],
             "dtype": "bfloat16",
             "shards": dict(shards),
             "complete": complete,
@@ -138,6 +172,12 @@ class FeatureCache:
                 f"feature cache {self.folder} holds [{meta.get('token_len')}, {meta.get('hidden_size')}] features, "
                 f"the tower gives [{self.token_len}, {self.hidden_size}]; delete the folder"
             )
+        stages = None if self.stages is None else [list(s) for s in self.stages]
+        if meta.get("stages") != stages:
+            raise StaleCacheError(
+                f"feature cache {self.folder} holds stages {meta.get('stages')}, the tower gives {stages}; "
+                f"delete the folder"
+            )
         good, bad = {}, []
         for name, size in meta.get("shards", {}).items():
             p = self.folder / name
@@ -155,7 +195,7 @@ class FeatureCache:
             for name in good:
                 with safe_open(self.folder / name, framework="pt") as f:
                     for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        idx[k] = name
+                        idx[k.split(".", 1)[0]] = name  # staged entries are <hash>.<stage>
             self._index = idx
         return self._index
 
@@ -163,9 +203,8 @@ class FeatureCache:
         """Other cache folders of the same tower class (older weights): never read, safe to delete."""
         if not self.root.is_dir():
             return []
-        return sorted(
-            p for p in self.root.glob(f"{self.tower_class}-*") if p.is_dir() and p.name != self.folder.name
-        )
+        mine = {f"{self.tower_class}-{self.key}", f"{self.tower_class}-{self.key}-staged"}  # both layouts
+        return sorted(p for p in self.root.glob(f"{self.tower_class}-*") if p.is_dir() and p.name not in mine)
 
     def status(self, hashes: Iterable[str]) -> CacheStatus:
         """Which of ``hashes`` are cached, which are missing, and what looks stale or broken."""
@@ -181,13 +220,14 @@ class FeatureCache:
     def build(
         self,
         items: Mapping[str, Any],
-        encode: Callable[[list[Any]], torch.Tensor],
+        encode: Callable[[list[Any]], torch.Tensor | StagedTokens],
         batch_size: int = 16,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Compute and store the features of ``items`` (``{content hash: anything encode accepts}``).
 
-        ``encode(list_of_items) -> [n, token_len, hidden]`` runs the tower. Shards are written to a temporary
+        ``encode(list_of_items) -> [n, token_len, hidden]`` runs the tower (``StagedTokens`` of the probed
+        layout for a staged cache). Shards are written to a temporary
         name, fsynced and renamed, and the meta is rewritten after each shard, so a killed build keeps every
         finished shard. Returns the number of images written.
         """
@@ -219,13 +259,13 @@ class FeatureCache:
 
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            feats = encode([items[k] for k in chunk])
-            expected = (len(chunk), self.token_len, self.hidden_size)
-            if tuple(feats.shape) != expected:
-                raise ValueError(f"tower gave features {tuple(feats.shape)}, the cache expects {expected}")
-            for k, f in zip(chunk, feats, strict=True):
-                pending[k] = f.to(_DTYPE).cpu().contiguous()
-                if len(pending) >= per_shard:
+            for k, entry in zip(
+                chunk, self._entries(encode([items[k] for k in chunk]), len(chunk)), strict=True
+            ):
+                for suffix, t in entry:
+                    # a copy of its own: safetensors refuses tensors that share storage (slices of one batch)
+                    pending[k + suffix] = t.to(device="cpu", dtype=_DTYPE, copy=True).contiguous()
+                if len(pending) >= per_shard * len(entry):
                     flush()
             written += len(chunk)
             if progress:
@@ -236,15 +276,45 @@ class FeatureCache:
         self._index = None
         return written
 
-    def get(self, h: str) -> torch.Tensor:
-        """The cached ``[token_len, hidden]`` bf16 features of the image with content hash ``h``."""
+    def _entries(self, feats: torch.Tensor | StagedTokens, n: int) -> list[list[tuple[str, torch.Tensor]]]:
+        """Per image, the (name suffix, tensor) pairs to store; the tower's output checked against the cache."""
+        if self.stages is None:
+            expected = (n, self.token_len, self.hidden_size)
+            if not isinstance(feats, torch.Tensor) or tuple(feats.shape) != expected:
+                got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+                raise ValueError(f"tower gave features {got}, the cache expects {expected}")
+            return [[("", f)] for f in feats]
+        if not isinstance(feats, StagedTokens) or feats.layout != self.stages or feats.parts[0].shape[0] != n:
+            got = (
+                (feats.parts[0].shape[0], feats.layout)
+                if isinstance(feats, StagedTokens)
+                else tuple(feats.shape)
+            )
+            raise ValueError(
+                f"tower gave features {got}, the cache expects {n} images of stages {self.stages}"
+            )
+        return [[(f".{k}", p[i]) for k, p in enumerate(feats.parts)] for i in range(n)]
+
+    def get(self, h: str) -> torch.Tensor | StagedTokens:
+        """The cached bf16 features of the image with content hash ``h``: ``[token_len, hidden]``, or for a staged
+        cache ``StagedTokens`` of one image."""
         shard = self.index().get(h)
         if shard is None:
             raise KeyError(f"image {h} is not in feature cache {self.folder}; rebuild the cache")
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(self.folder / shard, framework="pt")
-        return handle.get_tensor(h)
+        if self.stages is None:
+            return handle.get_tensor(h)
+        parts = tuple(handle.get_tensor(f"{h}.{k}").unsqueeze(0) for k in range(len(self.stages)))
+        return StagedTokens(parts, math.isqrt(self.token_len))
+
+    def batch(self, hashes: list[str]) -> torch.Tensor | StagedTokens:
+        """The features of several images, batched: ``[n, token_len, hidden]`` or ``StagedTokens``."""
+        got = [self.get(h) for h in hashes]
+        if self.stages is None:
+            return torch.stack(got)  # type: ignore[arg-type]
+        return StagedTokens.cat(got)  # type: ignore[arg-type]
 
     def __getstate__(self) -> dict[str, Any]:  # open shard handles do not cross into DataLoader workers
         state = dict(self.__dict__)

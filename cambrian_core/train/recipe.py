@@ -37,6 +37,7 @@ from cambrian_core.config.schema import (
     OptimSection,
     ScheduleSection,
 )
+from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.registry import MODELS, RUNNERS, build
 from cambrian_core.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from cambrian_core.train.collate import Collator
@@ -492,7 +493,9 @@ class TrainRecipe:
                     p = ds.resolve_image(i, rel)
                     if p.is_file():
                         items.setdefault(content_hash(p), p)
-        caches = [FeatureCache(self.data.feature_cache, t) for t in self.model.towers]
+        # what the connector takes: SVA gets a multi-stage tower's stages (smaller, and its live input)
+        staged = bool(self.model.connector.accepts_staged)
+        caches = [FeatureCache(self.data.feature_cache, t, staged=staged) for t in self.model.towers]
         if self.runner.is_main:
             for t, (tower, cache) in enumerate(zip(self.model.towers, caches, strict=True)):
                 status = cache.status(items)
@@ -518,7 +521,7 @@ class TrainRecipe:
                 self.announce(
                     f"setup: tower {t} ({cache.tower_class}): {'would build' if self.dry_run else 'building'} "
                     f"{len(status.missing)} of {len(items)} images x "
-                    f"[{cache.token_len}, {cache.hidden_size}] bf16 = {human_bytes(need)} in {cache.folder} "
+                    f"{cache.describe()} bf16 = {human_bytes(need)} in {cache.folder} "
                     f"({human_bytes(free)} free)"
                 )
                 if need > free:
@@ -528,7 +531,8 @@ class TrainRecipe:
                 if self.dry_run:  # a dry run plans; building is the first thing a real run does
                     continue
                 cache.build(
-                    {h: items[h] for h in status.missing}, partial(_encode_images, tower, self.runner.device)
+                    {h: items[h] for h in status.missing},
+                    partial(_encode_images, tower, cache.stages is not None),
                 )
         self.runner.barrier()
         return caches
@@ -853,11 +857,12 @@ class TrainRecipe:
         }
 
 
-def _encode_images(tower: torch.nn.Module, device: torch.device, paths: list[Path]) -> torch.Tensor:
-    """Tower features of image files (for the feature cache)."""
+def _encode_images(tower: torch.nn.Module, staged: bool, paths: list[Path]) -> torch.Tensor | StagedTokens:
+    """Tower features of image files (for the feature cache): tokens, or ``forward_staged``'s stages."""
     from PIL import Image
 
     pixels = torch.stack([tower.preprocess(Image.open(p).convert("RGB")) for p in paths])
     tower_device = next(tower.parameters()).device
     with torch.no_grad():
-        return tower(pixels.to(tower_device)).float().cpu()
+        out = (tower.forward_staged if staged else tower)(pixels.to(tower_device))
+    return out.to(device="cpu", dtype=torch.float32)

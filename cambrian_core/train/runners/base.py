@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cambrian_core.model.encoder import StagedTokens
+
 __all__ = ["PRECISIONS", "Runner", "move_to", "rebuild_with", "save_final"]
 
 Adapt = Callable[[nn.Module], None] | None
@@ -32,6 +34,8 @@ def move_to(batch: Any, device: torch.device, float_dtype: torch.dtype | None = 
         if float_dtype is not None and batch.is_floating_point():
             return batch.to(device=device, dtype=float_dtype, non_blocking=True)
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, StagedTokens):
+        return batch.to(device=device, dtype=float_dtype, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: move_to(v, device, float_dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
