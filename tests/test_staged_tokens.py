@@ -95,3 +95,14 @@ def test_a_runner_moves_and_casts_staged_features_in_a_batch():
     assert isinstance(moved["tower_features"][1], StagedTokens)
     assert [p.dtype for p in moved["tower_features"][1].parts] == [torch.bfloat16] * 3
     assert moved["tower_features"][0].dtype == torch.bfloat16 and moved["input_ids"].dtype == torch.long
+
+
+@pytest.mark.gpu
+def test_a_cuda_data_loader_pins_staged_features():
+    from torch.utils.data import DataLoader
+
+    staged = StagedTokens.from_maps(_maps(torch.float32), 6)
+    (batch,) = DataLoader([staged], batch_size=None, pin_memory=True)
+    assert isinstance(batch, StagedTokens) and all(p.is_pinned() for p in batch.parts)
+    moved = batch.to("cuda", non_blocking=True)
+    torch.testing.assert_close(moved.tokens().cpu(), staged.tokens())

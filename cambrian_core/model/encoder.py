@@ -158,6 +158,10 @@ class StagedTokens:
         """``Tensor.to`` applied to every part."""
         return StagedTokens(tuple(p.to(*args, **kwargs) for p in self.parts), self.side)
 
+    def pin_memory(self) -> StagedTokens:
+        """Every part in page-locked memory (the DataLoader's ``pin_memory=True`` calls this)."""
+        return StagedTokens(tuple(p.pin_memory() for p in self.parts), self.side)
+
     def tokens(self) -> torch.Tensor:
         """Every stage on the output grid, concatenated on channels: ``[B, side*side, sum C_k]``."""
         return torch.cat([resize_map(p, self.side) for p in self.parts], dim=-1)
