@@ -161,9 +161,13 @@ def test_staged_cache_stores_a_multi_stage_towers_stages(records: Path, tmp_path
     assert tokens.status(images).stale == [] and cache.status(images).stale == []
     assert tokens.status(images).complete and FeatureCache(tmp_path, t, staged=True).status(images).complete
 
-    # a tower without stages is cached as tokens whatever is asked
+    # a tower without stages, or whose stages all land on the output grid (one part: its tokens' numbers), is
+    # cached as tokens whatever is asked
     flat = FeatureCache(tmp_path, tower(), staged=True)
     assert flat.stages is None and not flat.folder.name.endswith("-staged")
+    coarse = build(ENCODERS, {"type": "convnext", **ENCODERS.get("convnext").tiny_config(), "token_len": 4})
+    assert len(coarse.forward_staged(torch.zeros(1, 3, 64, 64)).parts) == 1
+    assert FeatureCache(tmp_path, coarse, staged=True).stages is None
 
     with pytest.raises(
         ValueError, match=r"tower gave features \(5, 16, 80\), the cache expects 5 images of stages"

@@ -76,12 +76,15 @@ class CacheStatus:
 
 def staged_layout(tower: Any) -> tuple[tuple[int, int, int], ...] | None:
     """``(C_k, h_k, w_k)`` of the stages ``tower.forward_staged`` returns (one blank image through the tower),
-    or ``None`` when it returns plain tokens."""
+    or ``None`` when it returns plain tokens or all its stages are on the output grid (then the tokens are the
+    same numbers, and the token cache serves every connector)."""
     param = next(tower.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():
         out = tower.forward_staged(torch.zeros(1, 3, tower.image_size, tower.image_size, device=device))
-    return out.layout if isinstance(out, StagedTokens) else None
+    if not isinstance(out, StagedTokens) or all((h, w) == (out.side, out.side) for _, h, w in out.layout):
+        return None
+    return out.layout
 
 
 class FeatureCache:
