@@ -123,7 +123,7 @@ class FeatureCache:
         return self.token_len * self.hidden_size * 2  # bf16
 
     def describe(self) -> str:
-        """What one image's entry holds, e.g. ``[576, 1024]`` or ``stages [[1152, 96, 96], [4608, 32, 32]]``."""
+        """What one image's entry holds, e.g. ``[576, 1024]`` or ``stages [[1152, 96, 96], [1536, 64, 64], ...]``."""
         if self.stages is not None:
             return "stages " + str([list(s) for s in self.stages])
         return f"[{self.token_len}, {self.hidden_size}]"
