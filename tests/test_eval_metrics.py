@@ -175,6 +175,15 @@ def test_choice_strict_vs_pmc_vqa_compat() -> None:
     assert score("pmc_vqa_choice", "CT scan", it) == 0.0
     # ties keep the first letter: "B" and "C" both occur once
     assert medvint_letter("The answer is B: CT") == "B"
+    # nothing like a letter (empty, a failed generation, lower case) picks none, so it is wrong even when the
+    # gold letter is the first one (MedVInT-TE starts from a similarity of 0 and a letter of None)
+    gold_a = item("MRI", "choice")
+    for text in ("", "ultrasound", "pet scan"):
+        assert medvint_letter(text) is None
+        assert score("pmc_vqa_choice", text, gold_a) == 0.0
+    # the letter is difflib's first sequence, the generation its second (junk heuristic at 200+ characters)
+    long = "B: CT scan. " + "x" * 244
+    assert len(long) == 256 and medvint_letter(long) == "B"
 
 
 def test_metrics_apply_to_one_kind() -> None:

@@ -82,11 +82,17 @@ class LlavaMedOpenRecall(Metric):
         return llava_med_recall(prediction, item.answer)
 
 
-def medvint_letter(text: str, letters: tuple[str, ...] = ("A", "B", "C", "D")) -> str:
-    """The letter most similar to ``text`` by ``difflib`` ratio (strictly greater wins; ties keep the first)."""
-    best, best_ratio = letters[0], -1.0
+def medvint_letter(text: str, letters: tuple[str, ...] = ("A", "B", "C", "D")) -> str | None:
+    """The letter most similar to ``text`` by ``difflib`` ratio, as MedVInT-TE's ``find_most_similar_index``.
+
+    The ratio is ``SequenceMatcher(None, letter, text)`` (that argument order: with ``text`` second, difflib's
+    junk heuristic applies to a generation of 200+ characters as it does there); strictly greater wins, ties
+    keep the first letter, and a text with no positive ratio to any letter (empty, a failed generation, no
+    capital A-D) gets ``None``: no letter, scored wrong against any gold letter.
+    """
+    best, best_ratio = None, 0.0
     for letter in letters:
-        ratio = difflib.SequenceMatcher(None, text, letter).ratio()
+        ratio = difflib.SequenceMatcher(None, letter, text).ratio()
         if ratio > best_ratio:
             best, best_ratio = letter, ratio
     return best
