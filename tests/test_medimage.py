@@ -233,7 +233,10 @@ def test_png16_hu_and_full_range(tmp_path):
     Image.fromarray(np.array([[10, 200]], dtype=np.uint8)).save(tmp_path / "key8.png")
     assert _grey(load_image(tmp_path / "key8.png", kind="png16_hu"))[0].tolist() == [10, 200]
     # ... also when the converter passes the study's HU window (meaningless for grey levels)
-    assert _grey(load_image(tmp_path / "key8.png", kind="png16_hu", window=(50, 450)))[0].tolist() == [10, 200]
+    assert _grey(load_image(tmp_path / "key8.png", kind="png16_hu", window=(50, 450)))[0].tolist() == [
+        10,
+        200,
+    ]
 
 
 def test_tiff_jpeg_png_and_mime(tmp_path):
