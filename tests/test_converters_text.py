@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -434,7 +435,10 @@ def test_radiopaedia_json_studies_and_csv_mapping(tmp_path: Path) -> None:
         "Osteoid osteoma",
     )
     assert cases["12345/s1"].labels["missing_images"] == ["Osteoid_osteoma/gone.png"]
-    assert rejects["999"].endswith("no images listed and no case folder")
+    assert rejects["999"].endswith(
+        "no images listed and no case folder (looked for ['Nothing_on_disk', 'Nothing on disk', '999'] in . and "
+        "images/)"
+    )
     single = split(list(converter("radiopaedia", root).iter_cases()))[0]
     assert sorted(single) == ["12345/s0/0", "12345/s0/1", "12345/s1/0"]
 
@@ -457,6 +461,32 @@ def test_radiopaedia_json_studies_and_csv_mapping(tmp_path: Path) -> None:
         converter("radiopaedia", csv_root)
     with pytest.raises(ValueError, match=r"unknown mapping field\(s\) \['finding'\]"):
         build(DATASETS, {"type": "radiopaedia", "src": str(csv_root), "mapping": {"finding": "x"}})
+
+
+def test_radiopaedia_python_literal_cells_mvd_folders_and_bad_cells(tmp_path: Path) -> None:
+    root = tmp_path / "rp"
+    jpeg(root / "images" / "b.jpg", 1)
+    jpeg(root / "Hip_pain:_what_now_" / "c.jpg", 2)  # MVD's rule maps only / ? and space to _
+    with (root / "radiopaedia.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rid", "title", "findings", "diagnosis", "studies"])
+        w.writerow(
+            ["1", "Case one", "f", "Dx", "[{'modality': 'CT', 'findings': 'Mass.', 'images': ['b.jpg']}]"]
+        )
+        w.writerow(["2", "Hip pain: what now?", "Effusion.", "Dx", ""])
+        w.writerow(["3", "Broken", "f", "Dx", "[{'modality': 'CT', 'images': ['b.jpg']"])
+    cases, rejects = split(list(converter("radiopaedia", root).iter_cases()))
+    assert cases["1/0"].labels["modality"] == "CT" and cases["1/0"].text["findings"] == "Mass."
+    assert Path(cases["2/0"].images[0].path).name == "c.jpg"
+    assert list(rejects) == ["3"]
+    assert re.search(
+        r"radiopaedia.csv row 3: column studies: neither JSON .* nor a Python literal: ", rejects["3"]
+    )
+    bad = tmp_path / "rp_json"
+    bad.mkdir()
+    (bad / "radiopaedia_cases.json").write_text('[{"rID": 1,}]', encoding="utf-8")
+    with pytest.raises(LayoutError, match=r"radiopaedia_cases.json is not valid JSON .* line 1, column 12"):
+        list(converter("radiopaedia", bad).iter_cases())
 
 
 # -- LLaVA importer -----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ studies), up to ``max_views`` images.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Iterator
@@ -75,6 +76,19 @@ def _paths(cell: Any) -> list[str]:
         except json.JSONDecodeError:
             return [str(c) for c in literal_list(text)]
     return [p.strip() for p in re.split(r"[;|]", text) if p.strip()]
+
+
+def _parse_cell(text: str, column: str) -> Any:
+    """A structured cell written as JSON or as a Python literal (single quotes, as the source CSVs' list cells)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        try:
+            return ast.literal_eval(text)  # a literal parser: never evaluates code
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(
+                f"column {column}: neither JSON ({exc.msg} at char {exc.pos}) nor a Python literal: {text[:60]!r}"
+            ) from None
 
 
 class RadiopaediaConverter(Converter):
@@ -146,7 +160,13 @@ class RadiopaediaConverter(Converter):
                     except json.JSONDecodeError as exc:
                         yield f"line {n}", f"not JSON ({exc.msg})"
         else:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise LayoutError(
+                    f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file "
+                    "or give the records as .csv / .jsonl"
+                ) from exc
             for n, rec in enumerate(data if isinstance(data, list) else list(data.values())):
                 yield f"item {n}", rec
 
@@ -165,16 +185,25 @@ class RadiopaediaConverter(Converter):
                 return p
         return None
 
-    def _folder_images(self, title: str, cid: str) -> list[Path]:
+    def _folder_names(self, raw_title: str, title: str, cid: str) -> list[str]:
+        """Case-folder names to try: MVD's ``rad_instruct.py`` rule (``/``, ``?`` and space to ``_``) on the raw
+        title, the raw title, this package's wider ``sanitize_name``, and the case id."""
+        names = [re.sub(r"[/? ]", "_", raw_title), raw_title, raw_title.strip(), sanitize_name(title), cid]
+        return [n for n in dict.fromkeys(names) if n and n not in (".", "..")]
+
+    def _folder_images(self, names: list[str]) -> list[Path]:
         for base in (self.root, self.root / "images"):
-            for name in dict.fromkeys([sanitize_name(title), cid]):
+            for name in names:
                 folder = base / name
-                if name and folder.is_dir():
+                if folder.is_dir():
                     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         return []
 
-    def _studies(self, rec: dict[str, Any], title: str, cid: str) -> tuple[list[dict[str, Any]], list[str]]:
-        """``[{modality, findings, images: [(path, view)]}]`` and the image paths that were not found."""
+    def _studies(self, rec: dict[str, Any], folders: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """``[{modality, findings, images: [(path, view)]}]`` and the image paths that were not found.
+
+        Raises ``ValueError`` naming the column when the ``studies`` cell is neither JSON nor a Python literal.
+        """
         missing: list[str] = []
 
         def resolve(items: list[str], view: str | None) -> list[tuple[Path, str | None]]:
@@ -188,7 +217,7 @@ class RadiopaediaConverter(Converter):
             return out
 
         studies_cell = self._get(rec, "studies")
-        studies = json.loads(studies_cell) if isinstance(studies_cell, str) else studies_cell
+        studies = _parse_cell(studies_cell, "studies") if isinstance(studies_cell, str) else studies_cell
         if isinstance(studies, list) and studies:
             out = []
             for s in studies:
@@ -208,7 +237,7 @@ class RadiopaediaConverter(Converter):
                 )
             return out, missing
         listed = _paths(self._get(rec, "images"))
-        imgs = resolve(listed, None) if listed else [(p, None) for p in self._folder_images(title, cid)]
+        imgs = resolve(listed, None) if listed else [(p, None) for p in self._folder_images(folders)]
         modality = self._get(rec, "modality")
         return [
             {
@@ -230,14 +259,20 @@ class RadiopaediaConverter(Converter):
                     f"{path.name} {where}: {rec if isinstance(rec, str) else 'not an object'}",
                 )
                 continue
-            title = clean_text(self._get(rec, "title"))
+            raw_title = str(self._get(rec, "title") or "")
+            title = clean_text(raw_title)
             cid = unique_id(str(self._get(rec, "case_id") or sanitize_name(title) or where), seen)
-            studies, missing = self._studies(rec, title, cid)
+            folders = self._folder_names(raw_title, title, cid)
+            try:
+                studies, missing = self._studies(rec, folders)
+            except ValueError as exc:
+                yield Reject(self.name, cid, f"{path.name} {where}: {exc}")
+                continue
             if not any(s["images"] for s in studies):
                 detail = (
                     f"listed images not found: {missing[:3]}"
                     if missing
-                    else "no images listed and no case folder"
+                    else f"no images listed and no case folder (looked for {folders} in . and images/)"
                 )
                 yield Reject(self.name, cid, f"{path.name} {where}: {detail}")
                 continue
