@@ -363,6 +363,26 @@ def test_eurorad_single_and_multi_views(tmp_path: Path) -> None:
     )
 
 
+def test_eurorad_finds_mvd_folders_named_by_the_raw_title(tmp_path: Path) -> None:
+    root = tmp_path / "eu"
+    titles = ["Crohn disease ", "Tom &amp; Jerry sign", "Lymphoma / leukaemia?", "Not on disk"]
+    recs = [
+        {"title": t, "FINAL_DIAGNOSIS": "d", "img": [{"img_id": "1a", "img_alt2": "Axial CT"}]}
+        for t in titles
+    ]
+    for t in titles[:3]:
+        png(root / "EURORAD" / t / "1a.png", 1)  # MVD writes each case under its title as it is
+    root.mkdir(exist_ok=True)
+    (root / "eurorad.json").write_text(json.dumps(recs), encoding="utf-8")
+    cases, rejects = split(list(converter("eurorad", root).iter_cases()))
+    assert sorted(cases) == ["Crohn_disease/1a", "Lymphoma___leukaemia_/1a", "Tom_&_Jerry_sign/1a"]
+    assert cases["Tom_&_Jerry_sign/1a"].text["title"] == "Tom & Jerry sign"
+    assert rejects["Not_on_disk"].endswith(
+        "none of its figures ['1a'] found (looked in folders ['Not_on_disk', 'Not on disk'] under images/, "
+        "EURORAD/, ./)"
+    )
+
+
 def test_eurorad_multi_view_through_runner(tmp_path: Path) -> None:
     from cambrian_core.data.runner import convert
     from cambrian_core.registry import GENERATORS

@@ -98,9 +98,17 @@ class EuroradConverter(Converter):
         for key, rec in items:
             yield str(key), rec
 
-    def _image_folder(self, title: str, cid: str) -> list[Path]:
-        names = [sanitize_name(title), title, cid]
-        return [self.root / d / n for d in IMAGE_DIRS for n in dict.fromkeys(names) if n]
+    @staticmethod
+    def _folder_names(raw_title: str, title: str, cid: str) -> list[str]:
+        """Figure-folder names to try: sanitised, then as MVD wrote them (the raw title, unsanitised), then the
+        cleaned title (entities decoded, spaces collapsed) and the case id."""
+        names = [sanitize_name(raw_title), raw_title, raw_title.strip(), sanitize_name(title), title, cid]
+        return [
+            n for n in dict.fromkeys(names) if n and ".." not in Path(n).parts and not Path(n).is_absolute()
+        ]
+
+    def _image_folder(self, names: list[str]) -> list[Path]:
+        return [self.root / d / n for d in IMAGE_DIRS for n in names]
 
     def iter_cases(self) -> Iterator[Case | Reject]:
         seen: dict[str, int] = {}
@@ -111,7 +119,8 @@ class EuroradConverter(Converter):
                 )
                 continue
             rec = {_norm(k): v for k, v in raw.items()}
-            title = clean_text(rec.get("title"))
+            raw_title = str(rec.get("title") or "")
+            title = clean_text(raw_title)
             base = str(
                 rec.get("id") or rec.get("case_id") or rec.get("case_number") or sanitize_name(title) or key
             )
@@ -134,7 +143,8 @@ class EuroradConverter(Converter):
             )
             if diffs:
                 labels["differential_diagnosis"] = diffs
-            folders = self._image_folder(title, base)
+            names = self._folder_names(raw_title, title, base)
+            folders = self._image_folder(names)
             figures, missing = [], []
             for n, img in enumerate(rec.get("img") or []):
                 img = {_norm(k): v for k, v in img.items()} if isinstance(img, dict) else {"img_id": img}
@@ -146,9 +156,11 @@ class EuroradConverter(Converter):
                 legend = clean_text(img.get("img_alt2") or img.get("img_alt") or img.get("caption"))
                 figures.append((img_id, path, legend))
             if not figures:
-                where = ", ".join(str(f.relative_to(self.root)) for f in folders[:2])
                 yield Reject(
-                    self.name, cid, f"record {key}: none of its figures {missing} found (looked in {where})"
+                    self.name,
+                    cid,
+                    f"record {key}: none of its figures {missing} found (looked in folders {names} under "
+                    f"{', '.join(d + '/' for d in IMAGE_DIRS)})",
                 )
                 continue
             if missing:
