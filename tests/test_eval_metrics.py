@@ -86,6 +86,9 @@ def test_polarity_is_whole_word() -> None:
         ("Option b is right", "B"),
         ("The answer is C", "C"),
         ("answer: (d)", "D"),
+        ("The answer is B, not option C.", "B"),  # an explicit answer outranks other letters
+        ("Option A is wrong; the answer is B.", "B"),
+        ("A: no. The answer is A, then. Final answer: B", "B"),  # the last explicit answer is the conclusion
         ("I would pick (B) here", "B"),
         ("Ultrasound", "C"),  # the text of exactly one option
         ("It is a CT scan of the chest", "B"),

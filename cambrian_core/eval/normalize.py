@@ -154,18 +154,24 @@ def option_letter(
     lo = up.lower()
     if not up:
         return None
+    whole = re.search(rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$", raw)  # the whole answer is a letter
+    if whole:
+        return whole.group(1).upper()
+    # an explicit "answer is B" / "answer: (b)" outranks letters mentioned before it ("Option A is wrong; the
+    # answer is B", "A: no. The answer is B"); the last one is the conclusion
+    explicit = re.findall(rf"(?i:\banswer(?:\s+is)?)\s*[:\-]?\s*(?:\(([{up}{lo}])\)|([{up}])(?!\w))", raw)
+    if explicit:
+        return next(g for g in explicit[-1] if g).upper()
     rules = [
-        rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$",  # the whole answer is a letter
         rf"^\(\s*([{up}{lo}])\s*\)",  # "(b) ..."
         rf"^([{up}])\s*[).:]",  # "B: ...", "B) ...", "B. ..."
         rf"^([{lo}])\)",  # "b) ..."
         rf"(?i:\b(?:option|choice))\s*[:\-]?\s*\(?([{up}{lo}])(?![\w])",  # "option B", "choice (b)"
-        rf"(?i:\banswer(?:\s+is)?)\s*[:\-]?\s*(?:\(([{up}{lo}])\)|([{up}])(?!\w))",  # "answer is B", "answer: (b)"
     ]
     for rule in rules:
         m = re.search(rule, raw)
         if m:
-            return next(g for g in m.groups() if g).upper()
+            return m.group(1).upper()
     bracketed = set(re.findall(rf"\(([{up}])\)", raw))
     if len(bracketed) == 1:
         return bracketed.pop()
