@@ -195,3 +195,21 @@ def test_unusable_endpoint_stops_at_the_first_request(tmp_path: Path) -> None:
             judge.grade_all(ITEMS, SAYS, tmp_path)
         assert len(server.requests) == 1
         judge.close()
+
+
+def test_a_changed_answer_is_graded_again(tmp_path: Path) -> None:
+    """A grade is of one answer: when the item's prediction changes (a failed generation regenerated on the
+    next run), the stored grade is not reused."""
+    with JudgeServer() as server:
+        judge = judge_for(server)
+        first = judge.grade_all(ITEMS, {"o1": "", "o2": "granuloma", "o3": "left lobe"}, tmp_path)
+        assert first["o1"]["scores"]["key_points"] == 1.0 and len(server.requests) == 3
+        again = judge.grade_all(ITEMS, {"o1": "spleen", "o2": "granuloma", "o3": "left lobe"}, tmp_path)
+        assert len(server.requests) == 4  # only o1, whose answer changed
+        assert "Candidate answer:\nspleen" in server.requests[3]["messages"][1]["content"]
+        assert again["o1"]["scores"]["key_points"] == 5.0
+        assert again["o2"] == first["o2"]
+        # a later run reads the newest grade of each item from the file
+        judge.grade_all(ITEMS, {"o1": "spleen", "o2": "granuloma", "o3": "left lobe"}, tmp_path)
+        assert len(server.requests) == 4
+        judge.close()

@@ -9,6 +9,7 @@ predictions; the results record the judge model (as requested and as the server 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -182,12 +183,16 @@ class Judge:
         """Grade every item of ``kinds`` not yet graded in ``out_dir``; returns ``{qid: grade record}``.
 
         The first new item is graded alone: an unusable endpoint (wrong URL, key or model) raises
-        :class:`JudgeError` before anything else is sent.
+        :class:`JudgeError` before anything else is sent. Each grade records a digest of the answer it graded;
+        a stored grade of another answer (the item was regenerated since, e.g. after a failed generation) is
+        graded again.
         """
         path = Path(out_dir) / self.file_name()
         done = _read_grades(path)
         wanted = [it for it in items if it.kind in kinds]
-        todo = [it for it in wanted if it.qid not in done]
+        todo = [it for it in wanted if not _grades_answer(done.get(it.qid), predictions.get(it.qid, ""))]
+        for it in todo:
+            done.pop(it.qid, None)
         if todo:
             repair_tail(path)
             self._grade_new(todo, predictions, path, done)
@@ -205,9 +210,11 @@ class Judge:
 
             def run(item: VQAItem) -> None:
                 try:
+                    answer = predictions.get(item.qid, "")
                     rec = {
                         "qid": item.qid,
-                        **self.grade(item.question, item.answer, predictions.get(item.qid, "")),
+                        **self.grade(item.question, item.answer, answer),
+                        "answer_sha1": _digest(answer),
                     }
                 except (ChatAPIError, JudgeReplyError) as exc:
                     rec = {"qid": item.qid, "error": str(exc)}
@@ -225,7 +232,7 @@ class Judge:
                 raise JudgeError(f"judge {self.model} at {self.base_url} is unusable: {exc}") from exc
             except JudgeReplyError as exc:
                 grade = {"error": str(exc)}
-            rec = {"qid": first.qid, **grade}
+            rec = {"qid": first.qid, **grade, "answer_sha1": _digest(predictions.get(first.qid, ""))}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -259,6 +266,15 @@ class Judge:
             lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
             out["axes"][axis] = {"value": float(np.mean(values)), "ci": [lo, hi], "n": len(values)}
         return out
+
+
+def _digest(answer: str) -> str:
+    return hashlib.sha1(answer.encode("utf-8")).hexdigest()[:16]
+
+
+def _grades_answer(rec: Mapping[str, Any] | None, answer: str) -> bool:
+    """Whether a stored grade is of ``answer`` (grades written before digests were recorded count as such)."""
+    return rec is not None and rec.get("answer_sha1", _digest(answer)) == _digest(answer)
 
 
 def _read_grades(path: Path) -> dict[str, dict[str, Any]]:
