@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cambrian_plugins.datasets.pmc_oa import undo_unicode_escape
 from PIL import Image
 
 from cambrian_core.data.case import Case, Reject
@@ -149,14 +150,25 @@ def test_pmc_oa_packages_and_mvd_layouts(tmp_path: Path) -> None:
     mvd = tmp_path / "mvd"
     (mvd / "captions").mkdir(parents=True)
     png(mvd / "images2" / "PMC555" / "fig1.png", 4)
+    png(mvd / "images2" / "PMC555" / "fig2.png", 5)
+    accented = LONG_CAPTION + " Größe 3 µm × 4 µm, Sjögren syndrome."
+    garbled = accented.encode("utf-8").decode("unicode_escape")  # what MVD's caption step did to it
+    assert garbled != accented and "Ã¶" in garbled
     items = [
         {"image_filename": "fig1", "label": "Figure 1", "title": "", "caption": LONG_CAPTION},
         {"image_filename": "fig9", "label": "Figure 9", "title": "", "caption": LONG_CAPTION},
+        {"image_filename": "fig2", "label": "Figure 2", "title": "", "caption": garbled},
     ]
     (mvd / "captions" / "PMC555.json").write_text(json.dumps(items), encoding="utf-8")
     cases, rejects = split(list(converter("pmc_oa", mvd).iter_cases()))
     assert cases["PMC555/fig1"].images[0].path.endswith("images2/PMC555/fig1.png")
+    assert "caption_repaired" not in cases["PMC555/fig1"].labels
     assert "image file not found" in rejects["PMC555/fig9"]
+    # the garbling is undone; correct non-ASCII text is left alone
+    assert (
+        cases["PMC555/fig2"].text["caption"] == accented and cases["PMC555/fig2"].labels["caption_repaired"]
+    )
+    assert undo_unicode_escape("Größe") == "Größe" and undo_unicode_escape("plain") == "plain"
 
     (tmp_path / "tars" / "oa_package" / "08" / "e0").mkdir(parents=True)
     (tmp_path / "tars" / "oa_package" / "08" / "e0" / "PMC13900.tar.gz").write_bytes(b"\x1f\x8b")

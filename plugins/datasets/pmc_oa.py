@@ -73,6 +73,15 @@ def _caption(elem: ET.Element | None) -> str:
     return clean_text(" ".join(parts))
 
 
+def undo_unicode_escape(text: str) -> str:
+    """Text that went through MVD's ``unicode_escape`` decoding (UTF-8 bytes read as Latin-1: "Ã¶" for "ö") with
+    its characters restored; text that does not decode that way (ASCII, or never garbled) is returned as is."""
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return text
+
+
 class PmcOaConverter(Converter):
     """PMC figures + captions. Options: ``layout`` (auto, pmc_clip, packages, mvd), ``metafile`` (jsonl name(s)),
     ``min_caption_words`` (20), ``classifier`` (callable or ``"module:function"``: caption -> CaptionClass or
@@ -249,7 +258,11 @@ class PmcOaConverter(Converter):
                     continue
                 image = find_image(self.root / "images2" / pmcid, Path(name).name)
                 extra = {"pmcid": pmcid, "label": clean_text(fig.get("label")), "figure": name}
-                yield self._case(cid, image, clean_text(fig.get("caption")), where, extra)
+                raw = str(fig.get("caption") or "")
+                caption = undo_unicode_escape(raw)
+                if caption != raw:
+                    extra["caption_repaired"] = True
+                yield self._case(cid, image, clean_text(caption), where, extra)
 
     def iter_cases(self) -> Iterator[Case | Reject]:
         layout = self.detect()
