@@ -170,10 +170,43 @@ def test_pmc_oa_packages_and_mvd_layouts(tmp_path: Path) -> None:
     )
     assert undo_unicode_escape("Größe") == "Größe" and undo_unicode_escape("plain") == "plain"
 
-    (tmp_path / "tars" / "oa_package" / "08" / "e0").mkdir(parents=True)
-    (tmp_path / "tars" / "oa_package" / "08" / "e0" / "PMC13900.tar.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(LayoutError, match=r"PMC13900.tar.gz: extract them first"):
-        build(DATASETS, {"type": "pmc_oa", "src": str(tmp_path / "tars")}).check_layout()
+
+def test_pmc_oa_reads_tar_gz_packages(tmp_path: Path) -> None:
+    import tarfile
+
+    pkg = tmp_path / "build" / "PMC13900"  # the package as PMC ships it: PMC<n>/ inside PMC<n>.tar.gz
+    pkg.mkdir(parents=True)
+    (pkg / "bcr-3-1-055.nxml").write_text(NXML, encoding="utf-8")
+    jpeg(pkg / "bcr-3-1-055-1.jpg", 1, size=(120, 90))
+    Image.new("P", (30, 20)).save(pkg / "bcr-3-1-055-1.gif")
+    (pkg / "bcr-3-1-055.pdf").write_bytes(b"%PDF-1.4")  # not needed: not unpacked
+    root = tmp_path / "oa"
+    nested = root / "oa_package" / "08" / "e0"
+    nested.mkdir(parents=True)
+    with tarfile.open(nested / "PMC13900.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="PMC13900")
+    (nested / "PMC77.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    unpacked = tmp_path / "unpacked"
+    conv = converter("pmc_oa", root, extract_dir=str(unpacked))
+    assert conv.detect() == "packages"
+    cases, rejects = split(list(conv.iter_cases()))
+    case = cases["PMC13900/F1"]
+    assert Path(case.images[0].path) == unpacked / "PMC13900" / "bcr-3-1-055-1.jpg"  # .jpg beats the .gif
+    assert case.text["caption"].startswith("Chest radiograph.") and "Größe" in case.text["caption"]
+    assert sorted(p.name for p in (unpacked / "PMC13900").iterdir()) == [
+        ".unpacked",
+        "bcr-3-1-055-1.gif",
+        "bcr-3-1-055-1.jpg",
+        "bcr-3-1-055.nxml",
+    ]
+    assert re.search(r"PMC77.tar.gz: unreadable package \(", rejects["PMC77.tar.gz"])
+    # a second run reads the unpacked folder; an extracted PMC<n>/ beside the archive wins over it
+    assert sorted(split(list(conv.iter_cases()))[0]) == sorted(cases)
+    (root / "PMC13900").mkdir()
+    (root / "PMC13900" / "bcr-3-1-055.nxml").write_text(NXML, encoding="utf-8")
+    jpeg(root / "PMC13900" / "bcr-3-1-055-1.jpg", 3)
+    again = split(list(converter("pmc_oa", root, extract_dir=str(unpacked)).iter_cases()))[0]
+    assert Path(again["PMC13900/F1"].images[0].path) == root / "PMC13900" / "bcr-3-1-055-1.jpg"
 
 
 # -- Quilt-1M ---------------------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ Three input layouts, detected in this order:
 1. the PMC-OA release of PMC-CLIP: ``pmc_oa.jsonl`` (or ``pmc_oa_beta.jsonl``, or ``train/valid/test.jsonl``), one
    ``{"image", "caption", ...}`` per line, images in ``caption_T060_filtered_top4_sep_v0_subfigures/`` (also
    accepted under ``images/``, or a flat ``images/``);
-2. extracted PMC Open Access packages: ``PMC<n>/<stem>.nxml`` (JATS XML) next to the figure files; each ``<fig>``
-   gives a caption (the full ``<caption>`` text, title included) and an image (``<graphic xlink:href>`` without
+2. PMC Open Access article packages, ``PMC<n>.tar.gz`` anywhere below the root (``oa_package/<xx>/<yy>/``, unpacked
+   once into ``extract_dir``) or extracted ``PMC<n>/<stem>.nxml`` (JATS XML) next to the figure files (preferred
+   when both exist); each ``<fig>`` gives a caption (the full ``<caption>`` text, title included) and an image (``<graphic xlink:href>`` without
    extension, resolved by trying ``.jpg .jpeg .png .gif .tif .tiff .bmp``);
 3. the reference scripts' intermediate form: ``captions/<PMCID>.json`` (lists of ``{image_filename, label, title,
-   caption}``) + ``images2/<PMCID>/<figure>.<ext>``.
+   caption}``) + ``images2/<PMCID>/<figure>.<ext>``; its captions went through ``unicode_escape`` decoding, which
+   is undone where it garbled them.
 
 Captions shorter than ``min_caption_words`` (20, the recipe's stage-1 rule) become rejects. Each caption is
 classified into modality / body part / disease keywords (§A.1.4) by a pluggable classifier (default: keyword
@@ -19,6 +21,9 @@ rules); the labels seed offline QA and can exclude modalities (``exclude_modalit
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Any, ClassVar, Literal
 from cambrian_core.data.case import Case, ImageRef, Reject
 from cambrian_core.data.classify import CaptionClass, KeywordClassifier, load_callable
 from cambrian_core.data.converter import Converter, LayoutError
-from cambrian_core.data.sources import clean_text, find_image, unique_id, word_count
+from cambrian_core.data.sources import IMAGE_EXTENSIONS, clean_text, find_image, unique_id, word_count
 
 PMC_CLIP_IMAGES = "caption_T060_filtered_top4_sep_v0_subfigures"
 METAFILES = ("pmc_oa.jsonl", "pmc_oa_beta.jsonl")
@@ -85,7 +90,9 @@ def undo_unicode_escape(text: str) -> str:
 class PmcOaConverter(Converter):
     """PMC figures + captions. Options: ``layout`` (auto, pmc_clip, packages, mvd), ``metafile`` (jsonl name(s)),
     ``min_caption_words`` (20), ``classifier`` (callable or ``"module:function"``: caption -> CaptionClass or
-    dict with modality/body_part/diseases), ``exclude_modalities`` (classes to reject)."""
+    dict with modality/body_part/diseases), ``exclude_modalities`` (classes to reject), ``extract_dir`` (where
+    ``PMC<n>.tar.gz`` packages are unpacked, their ``.nxml`` and figures only; default
+    ``$CAMBRIAN_CACHE/pmc_oa_packages``)."""
 
     name: ClassVar[str] = "pmc_oa"
     prompt_name: ClassVar[str] = "pmc_oa"
@@ -100,6 +107,7 @@ class PmcOaConverter(Converter):
         min_caption_words: int = 20,
         classifier: Callable[[str], Any] | str | None = None,
         exclude_modalities: Iterable[str] = (),
+        extract_dir: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__(src, views, **options)
@@ -111,6 +119,7 @@ class PmcOaConverter(Converter):
         self.min_caption_words = int(min_caption_words)
         self.classifier = load_callable(classifier) if classifier else KeywordClassifier()
         self.exclude_modalities = set(exclude_modalities)
+        self.extract_dir = Path(extract_dir) if extract_dir else None
 
     # -- layout -------------------------------------------------------------------------------------------------
     def _metafiles(self) -> list[Path]:
@@ -132,7 +141,45 @@ class PmcOaConverter(Converter):
         return self.root / PMC_CLIP_IMAGES
 
     def _packages(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("PMC*") if p.is_dir() and any(p.glob("*.nxml")))
+        """Article packages: extracted ``PMC<n>/`` folders, then ``PMC<n>.tar.gz`` archives anywhere below the
+        root (``oa_package/<xx>/<yy>/``) whose article has no extracted folder."""
+        folders = sorted(p for p in self.root.glob("PMC*") if p.is_dir() and any(p.glob("*.nxml")))
+        have = {p.name for p in folders}
+        tars = {}
+        for tar in sorted(self.root.rglob("PMC*.tar.gz")):
+            pmcid = tar.name[: -len(".tar.gz")]
+            if pmcid not in have:
+                tars.setdefault(pmcid, tar)
+        return folders + sorted(tars.values(), key=lambda t: t.name)
+
+    def _unpack(self, tar: Path) -> Path:
+        """The folder holding ``tar``'s ``.nxml`` and figure files (unpacked once, by name only: no paths, links
+        or other members leave the archive)."""
+        from cambrian_core.assets import cache_dir
+
+        pmcid = tar.name[: -len(".tar.gz")]
+        base = self.extract_dir or cache_dir("pmc_oa_packages")
+        dest = base / pmcid
+        stamp = dest / ".unpacked"
+        if stamp.is_file() and stamp.read_text() == f"{tar.resolve()} {tar.stat().st_size}":
+            return dest
+        tmp = base / f".{pmcid}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        wanted = {".nxml", *IMAGE_EXTENSIONS}
+        with tarfile.open(tar, "r:gz") as archive:
+            for member in archive:
+                name = Path(member.name).name
+                if not member.isfile() or Path(name).suffix.lower() not in wanted or name.startswith("."):
+                    continue
+                src = archive.extractfile(member)
+                if src is not None:
+                    with src, open(tmp / name, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        (tmp / ".unpacked").write_text(f"{tar.resolve()} {tar.stat().st_size}")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return dest
 
     def detect(self) -> str:
         """The layout in use (``pmc_clip``, ``packages`` or ``mvd``); raises LayoutError when none fits."""
@@ -144,16 +191,11 @@ class PmcOaConverter(Converter):
             return "mvd"
         if self._packages():
             return "packages"
-        tarballs = list(self.root.rglob("PMC*.tar.gz"))[:1]
-        hint = (
-            f" Found packed archives such as {tarballs[0].name}: extract them first (tar xzf)."
-            if tarballs
-            else ""
-        )
         raise LayoutError(
             f"pmc_oa: {self.root} matches no PMC layout. Expected one of: (1) pmc_oa.jsonl / pmc_oa_beta.jsonl / "
-            f"train.jsonl + {PMC_CLIP_IMAGES}/ (PMC-OA release); (2) extracted packages PMC<n>/<article>.nxml with "
-            f"figure files; (3) captions/<PMCID>.json + images2/<PMCID>/.{hint}"
+            f"train.jsonl + {PMC_CLIP_IMAGES}/ (PMC-OA release); (2) article packages, PMC<n>.tar.gz (e.g. "
+            f"oa_package/<xx>/<yy>/) or extracted PMC<n>/<article>.nxml with figure files; (3) "
+            f"captions/<PMCID>.json + images2/<PMCID>/."
         )
 
     def check_layout(self) -> None:
@@ -221,7 +263,17 @@ class PmcOaConverter(Converter):
 
     def _iter_packages(self) -> Iterator[Case | Reject]:
         seen: dict[str, int] = {}
-        for folder in self._packages():
+        for package in self._packages():
+            folder = package
+            if package.is_file():
+                try:
+                    folder = self._unpack(package)
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    yield Reject(self.name, package.name, f"{package}: unreadable package ({exc})")
+                    continue
+                if not any(folder.glob("*.nxml")):
+                    yield Reject(self.name, package.name, f"{package}: no .nxml article in the package")
+                    continue
             for nxml in sorted(folder.glob("*.nxml")):
                 try:
                     root = ET.parse(nxml).getroot()
