@@ -270,3 +270,17 @@ def test_web_ui_lists_every_workers_model_and_answers_with_the_chosen_one(cluste
             assert _text_of(history[-1]["content"]) == expected.text.strip()
     finally:
         demo.close()
+
+
+def test_the_controller_names_what_a_bad_registration_lacks(cluster):
+    url, _, _ = cluster
+    r = post(url, "/register_worker", {"worker": "http://127.0.0.1:1"})
+    assert r.status_code == 400 and r.json() == {
+        "text": 'send {"worker_name": "<the worker\'s URL>", ...}',
+        "error_code": 4,
+    }
+    r = post(url, "/register_worker", {"worker_name": "http://127.0.0.1:1", "worker_status": {"speed": 1}})
+    assert r.status_code == 400 and 'a list "model_names"' in r.json()["text"]
+    r = post(url, "/receive_heart_beat", {"name": "x"})
+    assert r.status_code == 400 and "worker_name" in r.json()["text"]
+    wait_for(lambda: post(url, "/list_models").json() == {"models": ["tiny-a", "tiny-b"]}, timeout=10)

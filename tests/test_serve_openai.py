@@ -238,3 +238,66 @@ def test_api_key_is_required(server):
     assert post(server, {"model": "tiny-a", "messages": user("hi")}, key=None).status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200  # only /v1 is guarded
     bad.close()
+
+
+def test_chunked_bodies_stream_options_and_budgets_are_checked(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny-a", "messages": [], "pad": "'
+        for _ in range(1300):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunked(), headers=headers, timeout=60)
+    assert r.status_code == 413 and "the request body is over 1 MiB" in r.json()["error"]["message"]
+    r = post(server, {"model": "tiny-a", "messages": user("hi"), "stream": True, "stream_options": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    assert "`stream_options` must be an object" in r.json()["error"]["message"]
+    r = post(server, {"model": "tiny-a", "messages": user("hi"), "stream": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    for key in ("max_tokens", "max_completion_tokens"):
+        r = post(server, {"model": "tiny-a", "messages": user("hi"), key: 0})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == key
+        assert err["message"] == f"`{key}` must be an integer >= 1, got 0"
+
+
+def test_a_client_that_leaves_cancels_its_non_streaming_request():
+    import asyncio
+
+    from cambrian_core.serve.openai_api import _collect_unless_disconnected
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        async def astream(self):
+            while not self.cancelled:  # an answer that would run to its full budget
+                yield "x"
+                await asyncio.sleep(0.01)
+
+    class Gone:
+        polls = 0
+
+        async def is_disconnected(self):
+            self.polls += 1
+            return self.polls >= 2
+
+    class Stays:
+        async def is_disconnected(self):
+            return False
+
+    class Short(Handle):
+        async def astream(self):
+            yield "a"
+            yield "b"
+
+    handle = Handle()
+    assert asyncio.run(_collect_unless_disconnected(Gone(), handle, poll=0.02)) is None
+    assert handle.cancelled
+    short = Short()
+    assert asyncio.run(_collect_unless_disconnected(Stays(), short, poll=0.02)) == "ab"
+    assert not short.cancelled

@@ -18,6 +18,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -203,15 +204,25 @@ def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def bad_request(text: str) -> Response:
+        return JSONResponse({"text": text, "error_code": int(ErrorCode.BAD_REQUEST)}, status_code=400)
+
+    def worker_name(data: Mapping[str, Any]) -> str | None:
+        name = data.get("worker_name")
+        return name if isinstance(name, str) and name else None
+
     @app.post("/register_worker")
-    async def register_worker(request: Request) -> None:
+    async def register_worker(request: Request) -> Any:
         data = await body(request)
-        await asyncio.to_thread(
-            controller.register_worker,
-            data["worker_name"],
-            data.get("check_heart_beat", True),
-            data.get("worker_status"),
-        )
+        name, status = worker_name(data), data.get("worker_status")
+        if name is None:
+            return bad_request('send {"worker_name": "<the worker\'s URL>", ...}')
+        if status is not None and not (
+            isinstance(status, dict) and isinstance(status.get("model_names"), list)
+        ):
+            return bad_request('worker_status must be an object with a list "model_names"')
+        await asyncio.to_thread(controller.register_worker, name, data.get("check_heart_beat", True), status)
+        return None
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers() -> None:
@@ -227,9 +238,12 @@ def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
         return {"address": controller.get_worker_address(str(data.get("model", "")))}
 
     @app.post("/receive_heart_beat")
-    async def receive_heart_beat(request: Request) -> dict[str, bool]:
+    async def receive_heart_beat(request: Request) -> Any:
         data = await body(request)
-        return {"exist": controller.receive_heart_beat(data["worker_name"], data.get("queue_length", 0))}
+        name, queue = worker_name(data), data.get("queue_length", 0)
+        if name is None or isinstance(queue, bool) or not isinstance(queue, int):
+            return bad_request('send {"worker_name": "<the worker\'s URL>", "queue_length": <int>}')
+        return {"exist": controller.receive_heart_beat(name, queue)}
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> dict[str, Any]:

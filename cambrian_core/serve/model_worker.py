@@ -39,6 +39,7 @@ from cambrian_core.serve.images import (
 )
 from cambrian_core.serve.params import sampling_from, scan_options
 from cambrian_core.serve.protocol import WORKER_HEART_BEAT_INTERVAL, chunk
+from cambrian_core.serve.server import read_body
 
 __all__ = ["ModelWorker", "create_app", "main", "parse_generate_request"]
 
@@ -190,6 +191,8 @@ def create_app(worker: ModelWorker) -> Any:
 
     app = FastAPI(title=f"cambrian model worker ({engine.name})", lifespan=lifespan)
     app.state.worker = worker
+    # the largest legitimate body: every image at its byte limit, base64-encoded, plus 1 MiB of text
+    max_body = worker.limits.max_images * worker.limits.max_bytes * 4 // 3 + 2**20
 
     def refuse(exc: RequestError) -> Response:
         return JSONResponse(
@@ -200,8 +203,9 @@ def create_app(worker: ModelWorker) -> Any:
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
         try:
+            raw = await read_body(request, max_body)
             try:
-                params = await request.json()
+                params = json.loads(raw)
             except ValueError:
                 raise RequestError("the body is not valid JSON") from None
             if not isinstance(params, dict):

@@ -27,6 +27,7 @@ from cambrian_core.serve.engine import EngineError, InferenceEngine, SamplingPar
 from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.images import ImageLimits, image_from_url
 from cambrian_core.serve.params import sampling_from, scan_options
+from cambrian_core.serve.server import read_body
 
 __all__ = ["create_app", "parse_chat_request"]
 
@@ -105,7 +106,39 @@ def parse_chat_request(
     options = scan_options(body)
     images = [image_from_url(url, what, limits, options, allow_local_files) for what, url in urls]
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError(f"`stream` must be true or false, got {body['stream']!r}", param="stream")
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise RequestError(
+            f'`stream_options` must be an object such as {{"include_usage": true}}, got {options!r:.80}',
+            param="stream_options",
+        )
     return messages, images, sampling_from(body, key, 512, 1.0)
+
+
+async def _collect_unless_disconnected(request: Request, handle: Any, poll: float = 0.25) -> str | None:
+    """The whole answer, or ``None`` (the request cancelled) when the client disconnects first: uvicorn does not
+    cancel a handler whose client left, so without this an abandoned request decodes to its full budget."""
+
+    async def collect() -> str:
+        return "".join([d async for d in handle.astream()])
+
+    task = asyncio.ensure_future(collect())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                handle.cancel()
+                return None
+    finally:
+        if not task.done():
+            handle.cancel()
+            task.cancel()
 
 
 def _error(exc: RequestError) -> Any:
@@ -166,10 +199,9 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         try:
-            if int(request.headers.get("content-length") or 0) > max_body:
-                raise RequestError(f"the request body is over {max_body / 2**20:.0f} MiB", status=413)
+            raw = await read_body(request, max_body)
             try:
-                body = json.loads(await request.body())
+                body = json.loads(raw)
             except ValueError:
                 raise RequestError("the body is not valid JSON") from None
             if not isinstance(body, dict):
@@ -196,7 +228,7 @@ def create_app(
 
         if not body.get("stream"):
             try:
-                text = "".join([d async for d in handle.astream()])
+                text = await _collect_unless_disconnected(request, handle)
             except EngineError as exc:
                 err = {
                     "message": str(exc),
@@ -205,6 +237,8 @@ def create_app(
                     "code": "generation_failed",
                 }
                 return JSONResponse({"error": err}, status_code=500)
+            if text is None:  # the client left: nobody to answer, and the request was cancelled
+                return Response(status_code=499)
             res = handle.result
             return JSONResponse(
                 {

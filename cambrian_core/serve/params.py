@@ -47,8 +47,13 @@ def sampling_from(
         stops = tuple(s for s in stop if s)
     else:
         raise RequestError(f"`stop` must be a string or a list of strings, got {stop!r}", param="stop")
+    budget = _integer(params, max_tokens_key, default_max)
+    if budget < 1:
+        raise RequestError(
+            f"`{max_tokens_key}` must be an integer >= 1, got {budget!r}", param=max_tokens_key
+        )
     return SamplingParams(
-        max_new_tokens=min(_integer(params, max_tokens_key, default_max), cap),
+        max_new_tokens=min(budget, cap),
         temperature=_number(params, "temperature", default_temperature),
         top_p=_number(params, "top_p", 1.0),
         stop=stops,

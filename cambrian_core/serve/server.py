@@ -7,7 +7,25 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["BackgroundServer", "free_port", "run_app"]
+__all__ = ["BackgroundServer", "free_port", "read_body", "run_app"]
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """A request's body, refused with a 413 ``RequestError`` as soon as it passes ``limit`` bytes: a declared
+    ``Content-Length`` is checked first, and a chunked body (which declares none) is counted as it arrives."""
+    from cambrian_core.serve.errors import RequestError
+
+    too_big = RequestError(f"the request body is over {limit / 2**20:.0f} MiB", status=413)
+    declared = request.headers.get("content-length") or ""
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    parts, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise too_big
+        parts.append(piece)
+    return b"".join(parts)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
