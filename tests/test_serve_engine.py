@@ -218,6 +218,36 @@ def test_scans_arrive_as_bytes_with_window_and_slice_options():
     assert axial.mode == "RGB" and axial.size != coronal.size
 
 
+def test_scans_over_the_voxel_limit_are_refused_before_decoding(monkeypatch):
+    import gzip
+    import io
+
+    import nibabel
+
+    from cambrian_core.data import medimage
+
+    vol = nibabel.Nifti1Image(np.zeros((64, 64, 32), np.int16), np.eye(4))
+    buf = io.BytesIO()
+    buf.write(vol.to_bytes())
+    packed = gzip.compress(buf.getvalue())  # 256 KiB of voxels in ~1 KiB: a small upload, a large volume
+    assert len(packed) < 4096
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the volume was decoded")
+
+    monkeypatch.setattr(medimage, "load_image", no_decoding)
+    small = ImageLimits(max_voxels=100_000)
+    with pytest.raises(
+        RequestError,
+        match=r"images\[0\] is a nifti scan of 64x64x32 = 131,072 voxels; the limit is 100,000 voxels per scan",
+    ) as err:
+        image_from_bytes(packed, "images[0]", small)
+    assert err.value.status == 413
+    with pytest.raises(RequestError, match=r"images\[1\] is a dicom scan of 1x128x128x1 ") as err:
+        image_from_bytes(Path(ct_small()).read_bytes(), "images[1]", ImageLimits(max_voxels=10_000))
+    assert err.value.status == 413
+
+
 def test_image_refusals_name_the_image_and_the_limit(tmp_path):
     with pytest.raises(RequestError, match="images\\[2\\] is not valid base64"):
         decode_base64("%%%", "images[2]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import re
 import tempfile
@@ -48,11 +49,14 @@ _KIND_OPTIONS = {
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What one request may carry: image count, encoded bytes per image, pixels per decoded 2-D image."""
+    """What one request may carry: image count, encoded bytes per image, pixels per decoded 2-D image, and voxels
+    per DICOM / NIfTI scan (checked from its header before any pixel data is decoded: a small gzipped volume can
+    inflate to gigabytes)."""
 
     max_images: int = 8
     max_bytes: int = 32 * 2**20
     max_pixels: int = 50_000_000
+    max_voxels: int = 512 * 512 * 512
 
     def check_count(self, n: int) -> None:
         """Refuse more than ``max_images`` images (HTTP 400)."""
@@ -165,9 +169,36 @@ def _without(message: str, path: str) -> str:
     return message
 
 
+def _scan_shape(path: str, kind: str) -> tuple[int, ...] | None:
+    """The voxel grid a DICOM / NIfTI header declares (``None`` when the header cannot be read: the loader then
+    reports the file as unreadable)."""
+    try:
+        if kind == "nifti":
+            import nibabel as nib
+
+            return tuple(int(n) for n in nib.load(path).header.get_data_shape())
+        if kind == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            return (frames, int(ds.Rows), int(ds.Columns), int(getattr(ds, "SamplesPerPixel", 1) or 1))
+    except Exception:
+        return None
+    return None
+
+
 def _load_scan(path: str, kind: str, what: str, options: ScanOptions, limits: ImageLimits) -> Image.Image:
     from cambrian_core.data import medimage
 
+    shape = _scan_shape(path, kind)
+    if shape is not None and math.prod(shape) > limits.max_voxels:
+        raise RequestError(
+            f"{what} is a {kind} scan of {'x'.join(map(str, shape))} = {math.prod(shape):,} voxels; the limit is "
+            f"{limits.max_voxels:,} voxels per scan",
+            status=413,
+            code="image_too_large",
+        )
     accepted = _KIND_OPTIONS.get(kind, set())
     kwargs = {k: v for k, v in options.kwargs().items() if k in accepted}  # a request's options fit its scans
     try:
