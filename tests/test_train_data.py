@@ -238,3 +238,17 @@ def test_sampler_groups_by_length_splits_ranks_and_resumes() -> None:
         )
     with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
         GroupedBatchSampler([5, 6, 7], 4, world_size=2)
+
+
+def test_an_unpadded_sampler_gives_every_sample_once() -> None:
+    has_image = np.array([True, True, False, True, False])
+    padded = list(
+        GroupedBatchSampler([5] * 5, 2, has_image, group_by_length=False, shuffle=False, drop_last=False)
+    )
+    assert sorted(i for b in padded for i in b) == [0, 0, 1, 2, 3, 4]  # the last batch wraps around
+    exact = GroupedBatchSampler(
+        [5] * 5, 2, has_image, group_by_length=False, shuffle=False, drop_last=False, pad=False
+    )
+    batches = list(exact)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4] and len(exact) == len(batches) == 3
+    assert [len(b) for b in batches] == [2, 2, 1]

@@ -741,6 +741,8 @@ class TrainRecipe:
             world_size=r.world_size,
             rank=r.rank,
             drop_last=False,
+            # one process: no padding, each held-out sample counted once; ranks in lock-step need full batches
+            pad=r.world_size > 1,
         )
         r.model.eval()
         loss_sum, count = 0.0, 0

@@ -31,6 +31,9 @@ class GroupedBatchSampler:
         world_size / rank: data-parallel layout; each rank gets its own slice of every global batch.
         seed: base seed; epoch ``e`` uses ``seed + e``.
         drop_last: drop the final incomplete global batch (keeps ranks in lock-step; default).
+        pad: with ``drop_last=False``, fill the last global batch with samples from the start of the epoch
+            (default: every rank gets a full batch); ``False`` leaves it short, so every sample is seen exactly
+            once (one process's held-out loss; with several ranks a short share may be empty).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class GroupedBatchSampler:
         seed: int = 0,
         megabatch_mult: int = 16,
         drop_last: bool = True,
+        pad: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -66,6 +70,7 @@ class GroupedBatchSampler:
         self.seed = seed
         self.megabatch_mult = megabatch_mult
         self.drop_last = drop_last
+        self.pad = pad
         self.epoch = 0
         self.start_batch = 0  # batches of the current epoch already consumed (resume)
         if len(self) == 0:
@@ -120,7 +125,7 @@ class GroupedBatchSampler:
         if not self.drop_last and partial:
             # merge the modality leftovers into trailing batches (padded by wrapping around the epoch)
             rest = np.concatenate(partial)
-            while len(rest) % gb:
+            while self.pad and len(rest) % gb:
                 rest = np.concatenate([rest, order[: gb - len(rest) % gb]])
             full += [rest[i : i + gb] for i in range(0, len(rest), gb)]
         if count_only:
