@@ -158,3 +158,52 @@ def test_manager_completeness_pruning_and_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         m.resolve(tmp_path / "empty")
+
+
+def _train_rows(work: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def test_a_resumed_run_keeps_skip_counts_and_one_metrics_row_per_step(tmp_path: Path) -> None:
+    import shutil
+
+    data = write_dataset(tmp_path / "data", n=16)
+    lines = data.read_text().splitlines()
+    bad = {
+        "id": "bad",
+        "image": "images/missing.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A scan."},
+        ],
+    }
+    lines[3] = lines[9] = json.dumps(bad)
+    data.write_text("\n".join(lines) + "\n")
+    run(train_cfg(data, tmp_path / "full", **OVER))
+    cut = tmp_path / "cut"
+    run(train_cfg(data, cut, **OVER))
+    # as if the run died after logging steps 5 and 6 but before their checkpoint was complete
+    shutil.rmtree(cut / "checkpoints" / "step_00000006")
+    run(train_cfg(data, cut, **OVER), resume="auto")
+    full, resumed = _train_rows(tmp_path / "full"), _train_rows(cut)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 once, from the resumed run
+    assert [r["skipped"] for r in resumed] == [r["skipped"] for r in full] and full[-1]["skipped"] > 0
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+def test_the_logged_lr_is_the_one_each_update_used(records: Path, tmp_path: Path, monkeypatch) -> None:
+    from cambrian_core.registry import RUNNERS
+
+    runner_cls = RUNNERS.get("single")
+    real_step, used = runner_cls.step, []
+
+    def step(self):
+        used.append(max(g["lr"] for g in self.optimizer.param_groups))
+        return real_step(self)
+
+    monkeypatch.setattr(runner_cls, "step", step)
+    run(train_cfg(records, tmp_path, **OVER))
+    logged = [r["lr"] for r in _train_rows(tmp_path)]
+    assert logged == pytest.approx(used) and len(used) == 6
+    assert used[0] < used[2]  # warm-up: the first update uses a smaller lr than the later ones

@@ -110,7 +110,9 @@ class SkipReport:
 
     def details(self) -> str:
         """``"missing image x2 (#4: a.png, ...), malformed line x1 (...)"``, most frequent reason first."""
-        return ", ".join(f"{r} x{n} ({'; '.join(self.examples[r])})" for r, n in self.counts.most_common())
+        return ", ".join(
+            f"{r} x{n} ({'; '.join(self.examples.get(r, []))})" for r, n in self.counts.most_common()
+        )
 
 
 # --------------------------------------------------------------------------------------------------- index

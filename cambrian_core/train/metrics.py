@@ -208,6 +208,7 @@ class MetricLogger:
         self.bar = None
         if not enabled:
             return
+        self._truncate_history(start_step)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -235,6 +236,25 @@ class MetricLogger:
             except ImportError as exc:
                 raise ImportError("log.wandb is set but wandb is not installed: pip install wandb") from exc
             self.wandb = wandb_mod.init(dir=str(self.work_dir), config=dict(config or {}), **dict(wandb))
+
+    def _truncate_history(self, start_step: int) -> None:
+        """Drop the rows a previous run wrote after ``start_step`` (steps a resumed run takes again, or a whole
+        earlier run when starting from 0), as TensorBoard's ``purge_step`` does; rewritten atomically."""
+        if not self.history_path.is_file():
+            return
+        lines = self.history_path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if start_step > 0 and isinstance(row, dict) and int(row.get("step", 0)) <= start_step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.history_path.with_name(self.history_path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.history_path)
 
     def log(self, step: int, values: Mapping[str, float], split: str = "train") -> None:
         """Record ``values`` at ``step`` (to every sink) and refresh the bar's figures."""
@@ -292,8 +312,9 @@ def plot_loss_curve(history: str | os.PathLike, out: str | os.PathLike, title: s
         if Path(history).is_file()
         else []
     )
-    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and "loss" in r]
-    evals = [(r["step"], r["loss"]) for r in rows if r["split"] == "eval" and "loss" in r]
+    last = {(r["split"], r["step"]): r for r in rows if "loss" in r}  # one point per step: the newest row
+    train = sorted((step, r["loss"]) for (split, step), r in last.items() if split == "train")
+    evals = sorted((step, r["loss"]) for (split, step), r in last.items() if split == "eval")
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

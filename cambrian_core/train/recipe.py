@@ -152,6 +152,7 @@ class TrainRecipe:
         self.history: list[dict[str, float]] = []
         self.step = 0
         self.last_eval_step = -1
+        self.applied_lr = 0.0  # the learning rate of the last update (logged as `lr`)
 
     # =============================================================================================== run
     def run(self) -> dict[str, Any]:
@@ -611,6 +612,11 @@ class TrainRecipe:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.history = list(state.get("history", []))
+        # the run's cumulative skip counts and its last held-out evaluation go on from where they were
+        self.skips.counts.update({str(k): int(v) for k, v in state.get("skipped", {}).items()})
+        for reason, examples in state.get("skip_examples", {}).items():
+            self.skips.examples.setdefault(str(reason), [str(e) for e in examples])
+        self.last_eval_step = int(state.get("last_eval_step", self.last_eval_step))
         rng = folder / f"rng_rank{r.rank}.pt"
         self.resume_rng = torch.load(rng, weights_only=True) if rng.is_file() else None
 
@@ -693,6 +699,7 @@ class TrainRecipe:
                     head = batch["num_target_tokens"] if r.TARGET_LOGITS_ONLY else None
                     n_img = len(batch["image_sizes"])
                     flops += self.flops.step_flops(batch["num_tokens"], batch["sample_lengths"], n_img, head)
+        self.applied_lr = max(r.current_lrs().values())  # what this update uses: step() moves the schedule on
         grad_norm = r.step()
         totals = r.all_reduce(
             torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
@@ -705,7 +712,7 @@ class TrainRecipe:
         loss = float(totals[0] / max(totals[1], 1.0))
         values = {
             "loss": loss,
-            "lr": max(r.current_lrs().values()),
+            "lr": self.applied_lr,
             "grad_norm": grad_norm,
             "samples_s": float(totals[3]) / dt,
             "tokens_s": float(totals[2]) / dt,
@@ -795,6 +802,8 @@ class TrainRecipe:
             "sampler": self.sampler.state_dict(self.consumed),
             "history": self.history,
             "skipped": dict(self.skips.counts),
+            "skip_examples": {k: list(v) for k, v in self.skips.examples.items()},
+            "last_eval_step": self.last_eval_step,
         }
         rng = capture_rng()
         cfg_json = json.dumps(
