@@ -270,7 +270,15 @@ def test_mix_ratios_manifest_and_errors(tmp_path: Path) -> None:
         mix([MixInput("B", pb, 2)], tmp_path / "m3.jsonl")
     m4 = mix([MixInput("B", pb, 2)], tmp_path / "m4.jsonl", replace=True)
     ids = [r["id"] for _, r in iter_records(tmp_path / "m4.jsonl")]
-    assert len(ids) == 20 and len(set(ids)) == 20 and m4["sources"]["B"]["unique_selected"] <= 10
+    assert len(ids) == 20 and len(set(ids)) == 20 and m4["sources"]["B"]["unique_selected"] == 10
+    # replace only allows upsampling: a ratio-1 source beside an upsampled one keeps every record, once
+    m5 = mix([MixInput("A", pa, 1), MixInput("B", pb, 2.5)], tmp_path / "m5.jsonl", replace=True)
+    assert (
+        m5["sources"]["A"]["unique_selected"]
+        == m5["sources"]["A"]["selected"]
+        == sum(isinstance(r, dict) for _, r in iter_records(pa))
+    )
+    assert (m5["sources"]["B"]["selected"], m5["sources"]["B"]["unique_selected"]) == (25, 10)
     assert parse_mix_input("pmc=/data/pmc.jsonl:0.25") == MixInput("pmc", Path("/data/pmc.jsonl"), 0.25)
     assert parse_mix_input("x=C:/d/x.jsonl") == MixInput("x", Path("C:/d/x.jsonl"), 1.0)
     with pytest.raises(MixError, match="NAME=PATH"):
@@ -363,3 +371,16 @@ def test_mix_names_a_bad_ratio_and_total(tmp_path: Path) -> None:
         parse_mix_input(f"a={src}:abc")
     with pytest.raises(MixError, match="--total must be >= 1, got -5"):
         mix([MixInput("a", src, 1)], tmp_path / "m.jsonl", total=-5)
+
+
+def test_record_files_with_a_byte_order_mark(tmp_path: Path) -> None:
+    recs = [
+        {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]}
+    ] * 2
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(recs), encoding="utf-8-sig")  # as Windows tools write it
+    lines = tmp_path / "a.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8-sig")
+    for path in (array, lines):
+        got = [r for _, r in iter_records(path)]
+        assert got == recs, path.name

@@ -221,3 +221,41 @@ def test_cli_convert_and_missing_folder(tree, tmp_path, capsys):
         == 2
     )
     assert "unknown window 'lungs'" in capsys.readouterr().err
+
+
+def test_views_of_a_case_never_overwrite_another_cases_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cambrian_core.data.case import Case, ImageRef
+    from cambrian_core.data.converter import Converter
+    from cambrian_core.registry import build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (64, 64), rgb).save(src / f"{name}.png")
+
+    class Views(Converter):
+        name = "views"
+
+        def check_layout(self) -> None:
+            pass
+
+        def iter_cases(self):
+            # "lesion7" has two views; "lesion7_1" is another case with one image
+            refs = [ImageRef(str(src / "red.png")), ImageRef(str(src / "green.png"))]
+            yield Case("views", "lesion7", refs, text={"caption": "red then green"})
+            yield Case("views", "lesion7_1", [ImageRef(str(src / "blue.png"))], text={"caption": "blue"})
+
+    gen = build(GENERATORS, {"type": "template", "instruct": False, "dicom_qa": False})
+    convert(Views(str(src)), gen, tmp_path / "out", progress=False)
+    seen = {}
+    for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+        seen[rec["conversations"][1]["value"]] = [
+            tuple(int(v) for v in np.asarray(Image.open(tmp_path / "out" / p))[0, 0]) for p in images
+        ]
+    assert seen == {"red then green": [colours["red"], colours["green"]], "blue": [colours["blue"]]}

@@ -124,7 +124,10 @@ def mix(
             )
         if k and not pool:
             raise MixError(f"source {inp.name!r} ({inp.path}) has no usable records")
-        chosen = rng.choices(pool, k=k) if replace else rng.sample(pool, k)
+        # every record once before any twice: whole shuffled copies, then a sample of the rest (plain random
+        # draws with replacement would leave ~37 % of a ratio-1 source out while repeating others)
+        copies, rest = divmod(k, len(pool)) if pool else (0, 0)
+        chosen = [rec for _ in range(copies) for rec in rng.sample(pool, len(pool))] + rng.sample(pool, rest)
         seen: Counter = Counter()
         for rec in chosen:
             rec = dict(rec)

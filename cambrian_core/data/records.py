@@ -44,7 +44,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]
 
 
 def _iter_text_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows tools) is not content
         head = fh.read(1 << 12).lstrip()
         fh.seek(0)
         if head.startswith("["):
