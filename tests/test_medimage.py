@@ -289,3 +289,38 @@ def test_bad_options_are_named(tmp_path):
         resolve_window((40, 0))
     with pytest.raises(ImageLoadError, match="window='tags' but the header has no Window"):
         load_image(path, window="tags")
+
+
+def test_unusable_voi_tags_fall_back_or_are_named(tmp_path):
+    from cambrian_core.data.medimage import ImageLoadError, load_image
+
+    src = get_testdata_file("CT_small.dcm")
+    percentile = np.asarray(load_image(src, window="percentile").convert("L"))
+
+    def variant(name, change):
+        ds = pydicom.dcmread(src)
+        change(ds)
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path)
+        return path
+
+    empty = variant("empty", lambda ds: (setattr(ds, "WindowCenter", 40), ds.add_new(0x00281051, "DS", None)))
+    zero = variant("zero", lambda ds: (setattr(ds, "WindowCenter", 40), setattr(ds, "WindowWidth", 0)))
+    for path in (empty, zero):  # auto: the tags cannot window it (PS3.3: width >= 1), so percentiles
+        assert np.array_equal(np.asarray(load_image(path).convert("L")), percentile)
+    with pytest.raises(
+        ImageLoadError, match=r"empty.dcm: window='tags' but Window Center/Width .* present but empty"
+    ):
+        load_image(empty, window="tags")
+    with pytest.raises(ImageLoadError, match=r"zero.dcm: window='tags' but Window Width \(0028,1051\) 0"):
+        load_image(zero, window="tags")
+    two = variant(
+        "two", lambda ds: (setattr(ds, "WindowCenter", [40, 300]), setattr(ds, "WindowWidth", [400, 1500]))
+    )
+    assert load_image(two, voi_index=1).size == (128, 128)
+    with pytest.raises(
+        ImageLoadError, match=r"two.dcm: voi_index 2 is outside the 2 window\(s\) of the header"
+    ):
+        load_image(two, voi_index=2)
+    with pytest.raises(ImageLoadError, match=r"badVR.dcm: invalid Number of Frames \(0028,0008\) '1A'"):
+        load_image(get_testdata_file("badVR.dcm"))  # pydicom's own test file with a broken IS value

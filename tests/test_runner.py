@@ -223,19 +223,9 @@ def test_cli_convert_and_missing_folder(tree, tmp_path, capsys):
     assert "unknown window 'lungs'" in capsys.readouterr().err
 
 
-def test_views_of_a_case_never_overwrite_another_cases_image(tmp_path):
-    import numpy as np
-    from PIL import Image
-
+def _views_converter(src):
     from cambrian_core.data.case import Case, ImageRef
     from cambrian_core.data.converter import Converter
-    from cambrian_core.registry import build
-
-    src = tmp_path / "src"
-    src.mkdir()
-    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-    for name, rgb in colours.items():
-        Image.new("RGB", (64, 64), rgb).save(src / f"{name}.png")
 
     class Views(Converter):
         name = "views"
@@ -249,8 +239,45 @@ def test_views_of_a_case_never_overwrite_another_cases_image(tmp_path):
             yield Case("views", "lesion7", refs, text={"caption": "red then green"})
             yield Case("views", "lesion7_1", [ImageRef(str(src / "blue.png"))], text={"caption": "blue"})
 
+    return Views(str(src))
+
+
+def test_an_unforeseen_image_error_is_an_image_reject_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import cambrian_core.data.runner as runner
+    from cambrian_core.registry import build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("red", "green", "blue"):
+        Image.new("RGB", (8, 8)).save(src / f"{name}.png")
+
+    def broken(ref, **kwargs):
+        raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+
+    monkeypatch.setattr(runner, "load_image", broken)
     gen = build(GENERATORS, {"type": "template", "instruct": False, "dicom_qa": False})
-    convert(Views(str(src)), gen, tmp_path / "out", progress=False)
+    summary = convert(_views_converter(src), gen, tmp_path / "out", workers=1, progress=False)
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert summary.rejected == {"image": 2} and not any(r.get("retry") for r in rejects)
+    assert rejects[0]["reason"].startswith(str(src / "red.png") + ": TypeError: float() argument")
+
+
+def test_views_of_a_case_never_overwrite_another_cases_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cambrian_core.registry import build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (64, 64), rgb).save(src / f"{name}.png")
+
+    gen = build(GENERATORS, {"type": "template", "instruct": False, "dicom_qa": False})
+    convert(_views_converter(src), gen, tmp_path / "out", progress=False)
     seen = {}
     for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -323,6 +323,32 @@ def _frame_view(ds: Any, frame: int) -> Any:
     return view
 
 
+_NO_VOI = "the header has no Window Center/Width or VOI LUT"
+
+
+def _voi_problem(view: Any, index: int) -> str | None:
+    """Why the VOI tags of ``view`` cannot window it at ``voi_index`` (``None``: they can). PS3.3 C.11.2.1.2:
+    a linear window needs a width >= 1; empty values or an index beyond the listed windows are unusable."""
+    if view.get("VOILUTSequence"):
+        n = len(view.VOILUTSequence)
+        return None if 0 <= index < n else f"voi_index {index} is outside the {n} VOI LUT(s) of the header"
+    if "WindowCenter" not in view or "WindowWidth" not in view:
+        return _NO_VOI
+    centres, widths = view["WindowCenter"], view["WindowWidth"]
+    if centres.VM == 0 or widths.VM == 0 or centres.value is None or widths.value is None:
+        return "Window Center/Width (0028,1050/1051) are present but empty"
+    n = min(centres.VM, widths.VM)
+    if not 0 <= index < n:
+        return f"voi_index {index} is outside the {n} window(s) of the header"
+    width = widths.value[index] if widths.VM > 1 else widths.value
+    try:
+        if float(width) < 1:
+            return f"Window Width (0028,1051) {width} is below 1"
+    except (TypeError, ValueError):
+        return f"Window Width (0028,1051) {width!r} is not a number"
+    return None
+
+
 def _voi_range(view: Any, index: int) -> tuple[float, float]:
     """Output range of pydicom's VOI transform for ``view`` (probed through pydicom itself)."""
     from pydicom.pixels import apply_voi_lut
@@ -345,7 +371,10 @@ def _load_dicom(path: Path, opts: dict) -> Image.Image:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = getattr(ds.get("SOPClassUID"), "name", None) or "unknown SOP class"
         raise ImageLoadError(path, f"no pixel data (Modality {ds.get('Modality', '?')}, {sop}): not an image")
-    n_frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise ImageLoadError(path, f"invalid Number of Frames (0028,0008) {ds.get('NumberOfFrames')!r}") from None
     frame = _index(opts.get("frame"), n_frames, "frame", path)
     try:
         arr = pixel_array(ds, index=frame if n_frames > 1 else None)
@@ -376,14 +405,19 @@ def _load_dicom(path: Path, opts: dict) -> Image.Image:
     view = _frame_view(ds, frame)
     values = apply_modality_lut(arr, view)
     window = resolve_window(opts.get("window"))
-    has_voi = bool(view.get("VOILUTSequence")) or ("WindowCenter" in view and "WindowWidth" in view)
+    index = int(opts.get("voi_index", 0))
+    voi_problem = _voi_problem(view, index)
+    has_voi = voi_problem is None
+    if voi_problem is not None and voi_problem.startswith("voi_index"):
+        raise ImageLoadError(path, voi_problem)
+    if window == "tags" and voi_problem is not None:
+        raise ImageLoadError(path, f"window='tags' but {voi_problem}")
+    if window == "auto" and voi_problem is not None and voi_problem != _NO_VOI:
+        log.debug("%s: %s; windowed by percentiles instead", path, voi_problem)
     if window in ("auto", "tags") and has_voi:
-        index = int(opts.get("voi_index", 0))
         lo, hi = _voi_range(view, index)
         out = apply_voi_lut(values, view, index=index)
         gray = window_to_uint8(out, (lo + hi) / 2, hi - lo) if hi > lo else minmax_to_uint8(out)
-    elif window == "tags":
-        raise ImageLoadError(path, "window='tags' but the header has no Window Center/Width or VOI LUT")
     else:
         gray = _apply_window(values, window, None, "percentile")
     return _gray_to_image(gray, (pi == "MONOCHROME1") != bool(opts.get("invert", False)))

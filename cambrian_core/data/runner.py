@@ -204,7 +204,12 @@ def _process(item: Case | Reject) -> tuple[str, str, Any]:
         paths = []
         for i, ref in enumerate(item.images):
             opts = {"max_size": _STATE["max_size"]} if _STATE["max_size"] else {}
-            img = load_image(ref, **opts)
+            try:
+                img = load_image(ref, **opts)
+            except ImageLoadError:
+                raise
+            except Exception as exc:  # a header the loader did not foresee: this image's fault, named
+                raise ImageLoadError(ref.path, f"{type(exc).__name__}: {exc}") from exc
             # "@" never occurs in a stem, so view i of case "x" cannot be the single image of a case "x_1"
             dest = folder / (f"{stem}.png" if len(item.images) == 1 else f"{stem}@{i}.png")
             _write_atomic(dest, to_png_bytes(img, compress_level=PNG_COMPRESS_LEVEL))
