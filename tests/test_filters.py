@@ -384,3 +384,27 @@ def test_record_files_with_a_byte_order_mark(tmp_path: Path) -> None:
     for path in (array, lines):
         got = [r for _, r in iter_records(path)]
         assert got == recs, path.name
+
+
+def test_the_same_record_twice_is_a_duplicate_whatever_its_case(tmp_path: Path) -> None:
+    src = tmp_path / "set"
+    (src / "img").mkdir(parents=True)
+    scan(1).save(src / "img" / "a.png")
+    cap = "Axial contrast-enhanced CT of the abdomen shows a hypodense liver lesion with rim enhancement."
+    one = rec("eurorad:1:0", "img/a.png", cap, stage="caption", case="fig1")
+    other = rec("eurorad:1:1", "img/a.png", "A hypodense lesion.", case="fig1")  # the same case's QA: kept
+    text_only = {
+        "id": "t",
+        "conversations": [
+            {"from": "human", "value": "Is a fracture of the femur seen on this CT?"},
+            {"from": "gpt", "value": "Yes, a displaced fracture of the femur on CT."},
+        ],
+    }
+    inp = write(src / "records.jsonl", [one, other, one, text_only, text_only])
+    out = tmp_path / "clean" / "train.jsonl"
+    for mode in ("exact", "phash"):
+        stats = filter_files([inp, inp], out, record_filter=RecordFilter(min_caption_words=1, dedup=mode))
+        assert [r["id"] for _, r in iter_records(out)] == ["eurorad:1:0", "eurorad:1:1", "t"], mode
+        assert stats.as_dict()["dropped"] == {"duplicate": 7, "json": 2}, mode  # write() adds a bad line
+    rejects = [json.loads(x) for x in (tmp_path / "clean" / "train.rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["reason"] == "identical to record eurorad:1:0"

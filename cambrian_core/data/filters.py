@@ -135,6 +135,7 @@ class RecordFilter:
         self.domain_sources = None if domain_sources is None else frozenset(domain_sources)
         self._images: dict[Path, ImageInfo] = {}
         self._exact: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, str], str]] = {}
+        self._identical: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
         self._near: dict[str, NearDuplicateIndex] = {}
 
     # -- images ---------------------------------------------------------------------------------------------
@@ -190,11 +191,15 @@ class RecordFilter:
         case = (str(prov.get("source", "")), str(prov.get("source_id", record.get("id", ""))))
         scope = str(record.get("stage", "")) if self.dedup_scope == "stage" else ""
         rid = str(record.get("id", ""))
-        if infos:
-            digest = tuple(i.sha256 for i in infos)
-        else:
-            text = json.dumps([t.get("value") for t in record["conversations"]], ensure_ascii=False)
-            digest = (hashlib.sha256(text.encode()).hexdigest(),)
+        text = json.dumps([t.get("value") for t in record["conversations"]], ensure_ascii=False)
+        text_digest = hashlib.sha256(text.encode()).hexdigest()
+        digest = tuple(i.sha256 for i in infos) if infos else (text_digest,)
+        # the same record twice (copied, or a file passed twice) is a duplicate whatever its case; the case
+        # exemption below is for different records of one case (its caption and its instruction records)
+        same = (scope, rid, text_digest, tuple(i.sha256 for i in infos))
+        if same in self._identical:
+            return f"identical to record {self._identical[same]}"
+        self._identical[same] = rid
         seen = self._exact.get((scope, digest))
         if seen is not None and seen[0] != case:
             return f"exact duplicate of {seen[1]}"
