@@ -324,3 +324,15 @@ def test_unusable_voi_tags_fall_back_or_are_named(tmp_path):
         load_image(two, voi_index=2)
     with pytest.raises(ImageLoadError, match=r"badVR.dcm: invalid Number of Frames \(0028,0008\) '1A'"):
         load_image(get_testdata_file("badVR.dcm"))  # pydicom's own test file with a broken IS value
+
+
+def test_a_multi_page_tiff_defaults_to_its_middle_page(tmp_path):
+    from cambrian_core.data.medimage import load_image
+
+    pages = [Image.fromarray(np.full((4, 4), v, dtype=np.uint8)) for v in (10, 20, 30)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+
+    def grey(**kw):
+        return int(np.asarray(load_image(tmp_path / "pages.tif", **kw).convert("L"))[0, 0])
+
+    assert [grey(), grey(frame=0), grey(frame=2), grey(frame="middle")] == [20, 10, 30, 20]

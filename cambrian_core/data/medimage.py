@@ -531,7 +531,7 @@ def _load_raster(path: Path, kind: str, opts: dict) -> Image.Image:
         im = Image.open(path)
         n_frames = int(getattr(im, "n_frames", 1))
         if n_frames > 1:
-            im.seek(_index(opts.get("frame", 0), n_frames, "frame", path))
+            im.seek(_index(opts.get("frame"), n_frames, "frame", path))  # default: the middle page
         im.load()
     except ImageLoadError:
         raise
