@@ -374,7 +374,9 @@ def _load_dicom(path: Path, opts: dict) -> Image.Image:
     try:
         n_frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
-        raise ImageLoadError(path, f"invalid Number of Frames (0028,0008) {ds.get('NumberOfFrames')!r}") from None
+        raise ImageLoadError(
+            path, f"invalid Number of Frames (0028,0008) {ds.get('NumberOfFrames')!r}"
+        ) from None
     frame = _index(opts.get("frame"), n_frames, "frame", path)
     try:
         arr = pixel_array(ds, index=frame if n_frames > 1 else None)

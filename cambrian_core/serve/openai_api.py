@@ -108,12 +108,13 @@ def parse_chat_request(
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if not isinstance(body.get("stream", False), bool):
         raise RequestError(f"`stream` must be true or false, got {body['stream']!r}", param="stream")
-    options = body.get("stream_options")
-    if options is not None and (
-        not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and (
+        not isinstance(stream_options, Mapping)
+        or not isinstance(stream_options.get("include_usage", False), bool)
     ):
         raise RequestError(
-            f'`stream_options` must be an object such as {{"include_usage": true}}, got {options!r:.80}',
+            f'`stream_options` must be an object such as {{"include_usage": true}}, got {stream_options!r:.80}',
             param="stream_options",
         )
     return messages, images, sampling_from(body, key, 512, 1.0)
