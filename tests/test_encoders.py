@@ -458,6 +458,8 @@ def test_clip_mean_pad_colour_matches_llava() -> None:
 
     class _Probe:
         image_mean = CLIP_MEAN
+        cambrian1_compat = False
+        cambrian1_pad_mean = None
 
     from cambrian_core.model.encoder import VisionEncoder
 

@@ -408,6 +408,7 @@ def import_cambrian1(
             "mm_projector_type": None,
             "image_token_len": int(src_cfg.get("image_token_len", 576)),
             "unpad": True,
+            "tower_cambrian1_compat": True,  # the towers' features as its connector was trained on
             "stage": "finetune",
             "gradient_checkpointing": False,
         }

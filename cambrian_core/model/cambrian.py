@@ -81,6 +81,8 @@ class CambrianModel(nn.Module):
         vision_tower_aux_token_len_list: token count per tower (perfect squares); overrides each tower's.
         image_token_len: image grid handed to the LLM (``f*f``; each image takes at most ``f*(f+1)`` tokens).
         unpad: drop grid rows/columns that are pure expand-to-square padding (training and inference alike).
+        tower_cambrian1_compat: the towers preprocess and resize as Cambrian-1 did (plain bilinear shrinking,
+            its pad colours), for its released connectors; the LLM template has its own ``cambrian1_compat``.
         stage: ``pretrain`` | ``finetune`` | ``full`` (see ``set_stage``).
         gradient_checkpointing: recompute LLM layers and in-LLM samplers in backward.
     """
@@ -97,6 +99,7 @@ class CambrianModel(nn.Module):
         vision_tower_aux_token_len_list: Sequence[int] | None = None,
         image_token_len: int = 576,
         unpad: bool = True,
+        tower_cambrian1_compat: bool = False,
         stage: str = "finetune",
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -109,6 +112,7 @@ class CambrianModel(nn.Module):
             "vision_tower_aux_token_len_list": _plain(vision_tower_aux_token_len_list),
             "image_token_len": image_token_len,
             "unpad": unpad,
+            "tower_cambrian1_compat": bool(tower_cambrian1_compat),
             "stage": stage,
             "gradient_checkpointing": gradient_checkpointing,
         }
@@ -125,6 +129,8 @@ class CambrianModel(nn.Module):
             for i, t in enumerate(kwargs["vision_tower_aux_list"])
         ]
         self.towers = nn.ModuleList(build(ENCODERS, cfg) for cfg in tower_cfgs)
+        for tower in self.towers:
+            tower.set_cambrian1_compat(kwargs["tower_cambrian1_compat"])
         self._tower_freeze = [t.frozen for t in self.towers]
         self.llm: LanguageModel = build(LLMS, kwargs["llm"])
         hidden = self.llm.hidden_size

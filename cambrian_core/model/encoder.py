@@ -55,8 +55,9 @@ def expand_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
     return canvas
 
 
-def interpolate_tokens(x: torch.Tensor, token_len: int) -> torch.Tensor:
-    """Resize ``[B, N, C]`` square-grid tokens to ``token_len`` tokens (bilinear, fp32, antialiased when shrinking)."""
+def interpolate_tokens(x: torch.Tensor, token_len: int, antialias: bool = True) -> torch.Tensor:
+    """Resize ``[B, N, C]`` square-grid tokens to ``token_len`` tokens (bilinear, fp32, antialiased when shrinking
+    unless ``antialias=False``, Cambrian-1's plain bilinear)."""
     b, n, c = x.shape
     if n == token_len:
         return x
@@ -64,7 +65,9 @@ def interpolate_tokens(x: torch.Tensor, token_len: int) -> torch.Tensor:
     if src * src != n or dst * dst != token_len:
         raise ValueError(f"cannot interpolate {n} tokens to {token_len}: both must be perfect squares")
     grid = x.transpose(1, 2).reshape(b, c, src, src).float()
-    out = F.interpolate(grid, size=(dst, dst), mode="bilinear", align_corners=False, antialias=dst < src)
+    out = F.interpolate(
+        grid, size=(dst, dst), mode="bilinear", align_corners=False, antialias=antialias and dst < src
+    )
     return out.reshape(b, c, token_len).transpose(1, 2).to(x.dtype)
 
 
@@ -73,23 +76,23 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _resize_nchw(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, C, side, side]`` (bilinear in fp32 or wider, antialiased when shrinking), in the
-    input dtype."""
+def _resize_nchw(x: torch.Tensor, side: int, antialias: bool = True) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, side, side]`` (bilinear in fp32 or wider, antialiased when shrinking unless
+    ``antialias=False``), in the input dtype."""
     h, w = x.shape[-2:]
     if (h, w) == (side, side):
         return x
-    shrink = side < h or side < w
+    shrink = antialias and (side < h or side < w)
     out = F.interpolate(
         x.to(_wide(x.dtype)), size=(side, side), mode="bilinear", align_corners=False, antialias=shrink
     )
     return out.to(x.dtype)
 
 
-def resize_map(x: torch.Tensor, side: int) -> torch.Tensor:
+def resize_map(x: torch.Tensor, side: int, antialias: bool = True) -> torch.Tensor:
     """``[B, C, H, W]`` feature map -> ``[B, side*side, C]`` tokens (bilinear in fp32 or wider, antialiased
-    when shrinking), returned in the input dtype."""
-    return _resize_nchw(x, side).flatten(2).transpose(1, 2)
+    when shrinking unless ``antialias=False``), returned in the input dtype."""
+    return _resize_nchw(x, side, antialias).flatten(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,14 @@ class StagedTokens:
     side: int  #: output grid side
 
     @classmethod
-    def from_maps(cls, maps: Sequence[torch.Tensor], side: int) -> StagedTokens:
+    def from_maps(cls, maps: Sequence[torch.Tensor], side: int, antialias: bool = True) -> StagedTokens:
         """Stage maps ``[B, C_k, H_k, W_k]``: those not within the output grid are resized to it (as
         ``resize_map`` does), adjacent output-grid maps are concatenated, smaller ones kept as they are."""
         parts: list[torch.Tensor] = []
         for m in maps:
             h, w = m.shape[-2:]
             if h > side or w > side:
-                m = _resize_nchw(m, side)
+                m = _resize_nchw(m, side, antialias)
             if parts and m.shape[-2:] == parts[-1].shape[-2:] == (side, side):
                 parts[-1] = torch.cat([parts[-1], m], dim=1)
             else:
@@ -233,6 +236,10 @@ class VisionEncoder(nn.Module, abc.ABC):
     native_grid: int
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    #: the mean whose colour Cambrian-1 padded this tower's images with, where it differs from ``image_mean``
+    cambrian1_pad_mean: tuple[float, float, float] | None = None
+    #: see :meth:`set_cambrian1_compat`
+    cambrian1_compat: bool = False
 
     def __init__(self, token_len: int | None = None, freeze: bool = True, dtype: str = "float32") -> None:
         super().__init__()
@@ -254,6 +261,8 @@ class VisionEncoder(nn.Module, abc.ABC):
             "image_size": self.image_size,
             "hidden_size": self.hidden_size,
             "token_len": self.token_len,
+            # only when on, so the cache keys of existing feature caches stay as they were
+            **({"cambrian1_compat": True} if self.cambrian1_compat else {}),
         }
 
     @classmethod
@@ -289,8 +298,22 @@ class VisionEncoder(nn.Module, abc.ABC):
     @property
     def fill_color(self) -> tuple[int, int, int]:
         """Padding colour of expand-to-square: the normalisation mean in 0..255, truncated as LLaVA / Cambrian-1
-        and HF's ``LlavaImageProcessor`` do (CLIP mean -> (122, 116, 104))."""
-        return tuple(int(m * 255) for m in self.image_mean)  # type: ignore[return-value]
+        and HF's ``LlavaImageProcessor`` do (CLIP mean -> (122, 116, 104)); in Cambrian-1 compatibility the
+        mean Cambrian-1's processor used (``cambrian1_pad_mean``, e.g. the CLIP mean for SigLIP)."""
+        mean = (
+            self.cambrian1_pad_mean if self.cambrian1_compat and self.cambrian1_pad_mean else self.image_mean
+        )
+        return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+    @property
+    def resize_antialias(self) -> bool:
+        """Whether shrinking token grids / stage maps is antialiased (off in Cambrian-1 compatibility)."""
+        return not self.cambrian1_compat
+
+    def set_cambrian1_compat(self, on: bool) -> None:
+        """Preprocess and resize as Cambrian-1 did (for its released connectors): plain bilinear shrinking of
+        token grids and stage maps, and Cambrian-1's expand-to-square pad colour. Part of ``config_dict``."""
+        self.cambrian1_compat = bool(on)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised ``[3, image_size, image_size]`` float tensor."""
@@ -304,7 +327,8 @@ class VisionEncoder(nn.Module, abc.ABC):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> ``[B, token_len, hidden_size]`` (computed in the tower's dtype)."""
-        return interpolate_tokens(self._call_tower(self.forward_features, pixels), self.token_len)
+        feats = self._call_tower(self.forward_features, pixels)
+        return interpolate_tokens(feats, self.token_len, self.resize_antialias)
 
     def forward_staged(self, pixels: torch.Tensor) -> torch.Tensor | StagedTokens:
         """What ``forward`` returns, or, for a tower that concatenates stages of different grids, the same

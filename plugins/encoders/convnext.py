@@ -3,7 +3,8 @@
 The open_clip ConvNeXt image trunk is timm's ConvNeXt (``convnext_xxlarge`` for
 ``CLIP-convnext_xxlarge-laion2B``, 1024 px in Cambrian-1). All four stage maps (strides 4/8/16/32, widths
 384/768/1536/3072) are resized once, directly to the requested square grid, and concatenated on channels
-(5760 for XXL); ``single_stage=True`` keeps only the last stage. Unlike Cambrian-1, shrinking is antialiased.
+(5760 for XXL); ``single_stage=True`` keeps only the last stage. Unlike Cambrian-1, shrinking is antialiased
+(``tower_cambrian1_compat=True`` on the model shrinks by plain bilinear, as Cambrian-1 did).
 """
 
 from __future__ import annotations

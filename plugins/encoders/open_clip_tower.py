@@ -182,7 +182,7 @@ class OpenClipEncoder(PluginEncoder):
                 pixels, indices=[self._index], normalize_intermediates=norm, intermediates_only=True
             )
             fmap = out["image_intermediates"][0]
-        return resize_map(fmap, self.native_grid)
+        return resize_map(fmap, self.native_grid, self.resize_antialias)
 
     def architecture_config(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from cambrian_core.model.encoder import HALF_MEAN, HALF_STD
+from cambrian_core.model.encoder import CLIP_MEAN, HALF_MEAN, HALF_STD
 
 from ._hf import HFVisionEncoder
 from .timm_tower import TimmEncoder
@@ -43,6 +43,7 @@ class SiglipEncoder(TimmEncoder):
     family = "siglip"
     image_mean = HALF_MEAN
     image_std = HALF_STD
+    cambrian1_pad_mean = CLIP_MEAN  # Cambrian-1's SigLIP wrapper padded with the CLIP mean (spec B.2)
 
     def __init__(
         self,
@@ -112,6 +113,7 @@ class SiglipHFEncoder(HFVisionEncoder):
     )  # read with hasattr() before transformers 5.2x declared it
     image_mean = HALF_MEAN
     image_std = HALF_STD
+    cambrian1_pad_mean = CLIP_MEAN  # Cambrian-1's SigLIP wrapper padded with the CLIP mean (spec B.2)
 
     def __init__(
         self,

@@ -137,7 +137,7 @@ class TimmEncoder(PluginEncoder):
         maps = self.trunk.forward_intermediates(
             pixels, indices=list(self.stages), norm=self.final_norm, intermediates_only=True
         )
-        return StagedTokens.from_maps(maps, self.grid)
+        return StagedTokens.from_maps(maps, self.grid, self.resize_antialias)
 
     def architecture_config(self) -> dict[str, Any]:
         return {
