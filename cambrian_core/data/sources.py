@@ -19,6 +19,7 @@ __all__ = [
     "literal_list",
     "read_csv",
     "sanitize_name",
+    "title_folder_names",
     "unique_id",
     "word_count",
 ]
@@ -42,6 +43,24 @@ def find_image(folder: Path, stem: str) -> Path | None:
 def sanitize_name(title: str) -> str:
     """A title as a folder name: ``/``, ``?``, ``\\``, ``:`` and whitespace become ``_`` (MVD's rule, extended)."""
     return re.sub(r"[/?\\:*\"<>|\s]", "_", title.strip())
+
+
+def title_folder_names(raw_title: str, *fallbacks: str) -> list[str]:
+    """Folder names a case titled ``raw_title`` may have been stored under, in the order to try them: MVD's rule
+    (``/``, ``?`` and space to ``_``), ``sanitize_name``, the raw title as MVD also wrote it (unsanitised, so
+    possibly nested), the cleaned title (entities decoded, spaces collapsed), then ``fallbacks`` (e.g. the case
+    id). Empty names and names that would leave the source folder are dropped."""
+    cleaned = clean_text(raw_title)
+    names = [
+        re.sub(r"[/? ]", "_", raw_title),
+        sanitize_name(raw_title),
+        raw_title,
+        raw_title.strip(),
+        sanitize_name(cleaned),
+        cleaned,
+        *fallbacks,
+    ]
+    return [n for n in dict.fromkeys(names) if n and ".." not in Path(n).parts and not Path(n).is_absolute()]
 
 
 def clean_text(text: Any) -> str:

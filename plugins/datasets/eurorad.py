@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from cambrian_core.data.case import Case, ImageRef, Reject
 from cambrian_core.data.converter import Converter, LayoutError
-from cambrian_core.data.sources import clean_text, find_image, sanitize_name, unique_id
+from cambrian_core.data.sources import clean_text, find_image, sanitize_name, title_folder_names, unique_id
 
 RECORD_FILES = ("eurorad.json",)
 RECORD_DIRS = ("cases", "EURORAD_implement2")
@@ -98,15 +98,6 @@ class EuroradConverter(Converter):
         for key, rec in items:
             yield str(key), rec
 
-    @staticmethod
-    def _folder_names(raw_title: str, title: str, cid: str) -> list[str]:
-        """Figure-folder names to try: sanitised, then as MVD wrote them (the raw title, unsanitised), then the
-        cleaned title (entities decoded, spaces collapsed) and the case id."""
-        names = [sanitize_name(raw_title), raw_title, raw_title.strip(), sanitize_name(title), title, cid]
-        return [
-            n for n in dict.fromkeys(names) if n and ".." not in Path(n).parts and not Path(n).is_absolute()
-        ]
-
     def _image_folder(self, names: list[str]) -> list[Path]:
         return [self.root / d / n for d in IMAGE_DIRS for n in names]
 
@@ -143,7 +134,7 @@ class EuroradConverter(Converter):
             )
             if diffs:
                 labels["differential_diagnosis"] = diffs
-            names = self._folder_names(raw_title, title, base)
+            names = title_folder_names(raw_title, base)
             folders = self._image_folder(names)
             figures, missing = [], []
             for n, img in enumerate(rec.get("img") or []):

@@ -31,6 +31,7 @@ from cambrian_core.data.sources import (
     literal_list,
     read_csv,
     sanitize_name,
+    title_folder_names,
     unique_id,
 )
 
@@ -185,12 +186,6 @@ class RadiopaediaConverter(Converter):
                 return p
         return None
 
-    def _folder_names(self, raw_title: str, title: str, cid: str) -> list[str]:
-        """Case-folder names to try: MVD's ``rad_instruct.py`` rule (``/``, ``?`` and space to ``_``) on the raw
-        title, the raw title, this package's wider ``sanitize_name``, and the case id."""
-        names = [re.sub(r"[/? ]", "_", raw_title), raw_title, raw_title.strip(), sanitize_name(title), cid]
-        return [n for n in dict.fromkeys(names) if n and n not in (".", "..")]
-
     def _folder_images(self, names: list[str]) -> list[Path]:
         for base in (self.root, self.root / "images"):
             for name in names:
@@ -262,7 +257,7 @@ class RadiopaediaConverter(Converter):
             raw_title = str(self._get(rec, "title") or "")
             title = clean_text(raw_title)
             cid = unique_id(str(self._get(rec, "case_id") or sanitize_name(title) or where), seen)
-            folders = self._folder_names(raw_title, title, cid)
+            folders = title_folder_names(raw_title, cid)
             try:
                 studies, missing = self._studies(rec, folders)
             except ValueError as exc:
