@@ -327,6 +327,50 @@ def test_sva_staged_tower_equals_its_tokens():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sva_in_bf16_and_on_cuda_matches_fp64_cpu_with_masks_and_a_staged_tower(device, dtype):
+    """On the device (fp64, and fp32 parameters under bf16 autocast, as training runs), SVA with padding masks
+    and a staged tower gives the fp64 CPU tokens, sampler outputs and gradients; the staged and the token input
+    agree with each other there too."""
+    ref = _ref_model().double()
+    g = torch.Generator().manual_seed(6)
+    feats = [torch.randn(2, n, c, generator=g, dtype=torch.float64) for n, c in [(16, 24), (64, 40)]]
+    maps = [
+        torch.randn(2, c, s, s, generator=g, dtype=torch.float64)
+        for c, s in [(3, 24), (5, 12), (6, 6), (2, 3)]
+    ]
+    hidden = torch.randn(2, 16, 48, generator=g, dtype=torch.float64)
+    masks = _ref_masks()
+
+    def run(m, device, staged, autocast):
+        dt = next(m.parameters()).dtype  # fp64, or fp32 master weights under bf16 autocast
+        ms = [x.to(device, dt).requires_grad_(True) for x in maps]
+        tower = StagedTokens.from_maps(ms, 12)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = m(
+                [*(f.to(device, dt) for f in feats), tower if staged else tower.tokens()],
+                [x.to(device) for x in masks],
+            )
+            samples = [m.llm_sample(k, hidden.to(device, dt), out.state, None) for k in range(2)]
+        total = out.tokens.double().square().sum() + sum(s.double().square().sum() for s in samples)
+        grads = torch.autograd.grad(total, [*ms, *m.parameters()])
+        return [t.detach().double().cpu() for t in (out.tokens, *samples, *grads)]
+
+    want = run(ref, torch.device("cpu"), staged=False, autocast=False)
+    dev = torch.device(device)
+    m = _ref_model().to(dev, torch.float64 if dtype == torch.float64 else torch.float32)
+    m.load_state_dict(ref.state_dict())
+    bf16 = dtype == torch.bfloat16
+    got = {staged: run(m, dev, staged, autocast=bf16) for staged in (True, False)}
+    for a, b, c in zip(got[True], got[False], want, strict=True):
+        if bf16:  # relative error of the whole tensor: bf16 rounding through two layers reaches ~3 %
+            assert (a - c).norm() <= 0.05 * c.norm() and (b - c).norm() <= 0.05 * c.norm()
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_compiled_sva_gives_the_eager_gradients_with_masks_and_a_staged_tower():
     """``SVAConnector.compile`` (padding masks, depth 2, two query groups, in-LLM samplers, a staged tower):

@@ -660,7 +660,8 @@ def _twice(blocks):
 
 
 # ------------------------------------------------------------------------------------------- staged towers
-def test_multi_stage_tower_reaches_sva_staged_with_the_loss_of_its_tokens():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_multi_stage_tower_reaches_sva_staged_with_the_loss_of_its_tokens(device):
     """With SVA, a multi-stage tower hands the connector ``StagedTokens`` (its small stages projected before
     they are enlarged); the loss and gradients are those of the same model fed the tower's tokens."""
     towers = [
@@ -668,11 +669,14 @@ def test_multi_stage_tower_reaches_sva_staged_with_the_loss_of_its_tokens():
         {"type": "convnext", **ENCODERS.get("convnext").tiny_config(), "image_size": 32, "freeze": False},
     ]
     sva = {"type": "sva", **CONNECTORS.get("sva").tiny_config()}
-    model = make(seed=2, vision_tower_aux_list=towers, connector=sva, stage="finetune").double()
+    model = make(seed=2, vision_tower_aux_list=towers, connector=sva, stage="finetune").double().to(device)
     params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     seen = []
     model.connector.register_forward_pre_hook(lambda mod, args: seen.append([type(f) for f in args[0]]))
     batch_in = inputs(model)
+    batch_in = {
+        k: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device)) for k, v in batch_in.items()
+    }
     batch_in["pixel_values"] = [p.double() for p in batch_in["pixel_values"]]
     staged_loss = model(**batch_in).loss
     staged_grads = torch.autograd.grad(staged_loss, list(params.values()), allow_unused=True)

@@ -183,8 +183,9 @@ def test_staged_cache_stores_a_multi_stage_towers_stages(records: Path, tmp_path
         FeatureCache(tmp_path, t, staged=True).status(images)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_sva_trains_on_cached_stages_with_the_losses_of_the_live_tower(
-    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     from _train_fixtures import tiny_model_cfg
 
@@ -202,7 +203,12 @@ def test_sva_trains_on_cached_stages_with_the_losses_of_the_live_tower(
         return forward(self, features, *args, **kwargs)
 
     monkeypatch.setattr(SVAConnector, "forward", spy)
-    over = {"model": model, "schedule": {"max_steps": 3}, "checkpoint": {"interval": 100}}
+    over = {
+        "model": model,
+        "schedule": {"max_steps": 3},
+        "checkpoint": {"interval": 100},
+        "runner": {"type": "single", "device": device},
+    }
     live = run(train_cfg(records, tmp_path / "live", **over))
     assert set(seen) == {StagedTokens}
     seen.clear()
