@@ -245,10 +245,44 @@ def test_an_unpadded_sampler_gives_every_sample_once() -> None:
     padded = list(
         GroupedBatchSampler([5] * 5, 2, has_image, group_by_length=False, shuffle=False, drop_last=False)
     )
-    assert sorted(i for b in padded for i in b) == [0, 0, 1, 2, 3, 4]  # the last batch wraps around
+    # image 3's batch wraps around the images (0), not the epoch (2 is text-only): one modality per batch
+    assert sorted(i for b in padded for i in b) == [0, 0, 1, 2, 3, 4] and [3, 0] in padded
     exact = GroupedBatchSampler(
         [5] * 5, 2, has_image, group_by_length=False, shuffle=False, drop_last=False, pad=False
     )
     batches = list(exact)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4] and len(exact) == len(batches) == 3
     assert [len(b) for b in batches] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("n", [5, 7, 12])
+def test_exact_batches_count_every_sample_once_across_ranks_in_lock_step(world_size: int, n: int) -> None:
+    has_image = np.arange(n) % 3 != 2  # both modalities, so leftovers of each are merged and padded
+    plans = [
+        GroupedBatchSampler(
+            [5] * n,
+            2,
+            has_image,
+            group_by_length=False,
+            shuffle=False,
+            world_size=world_size,
+            rank=r,
+            drop_last=False,
+        ).exact_batches()
+        for r in range(world_size)
+    ]
+    assert len({len(p) for p in plans}) == 1  # every rank runs the same number of forwards
+    counted = sorted(i for p in plans for indices, counts in p if counts for i in indices)
+    assert counted == list(range(n))
+    for p in plans:
+        assert all(indices and len(indices) <= 2 for indices, _ in p)
+    if world_size == 1:
+        assert all(counts for _, counts in plans[0])
+    if (n, world_size) == (5, 2):  # images [0, 1, 3, 4] fill a batch; text [2] is padded to [2, 2, 2, 2]
+        assert plans == [
+            [([0, 3], True), ([2], True)],
+            [([1, 4], True), ([2, 2], False)],  # rank 1's share is all repeats: run, not counted
+        ]
+    for p in zip(*plans, strict=True):  # one modality per global batch: the ranks run the same modules
+        assert len({i % 3 != 2 for indices, _ in p for i in indices}) == 1

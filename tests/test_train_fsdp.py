@@ -26,21 +26,23 @@ pytestmark = pytest.mark.distributed
 
 
 def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
-    records = write_dataset(tmp_path / "data", n=16)
+    records = write_dataset(tmp_path / "data", n=20)  # 5 held out: the last global batch of 4 is padded
     vqa = {"benchmark": "jsonl", "data": str(records), "limit": 3, "max_new_tokens": 4, "batch_size": 3}
     over = {
         "schedule": {"max_steps": 4, "eval_interval": 2},
         "checkpoint": {"interval": 2, "export": True},
         "eval": vqa,
     }
-    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    single = run(
+        train_cfg(records, tmp_path / "single", data={"batch_size": 4, "val_fraction": 0.25}, **over)
+    )
 
     cfg = dump(
         train_cfg(
             records,
             tmp_path / "fsdp",
             runner={"type": "fsdp", "device": "cpu"},
-            data={"batch_size": 2},
+            data={"batch_size": 2, "val_fraction": 0.25},
             **over,
         ),
         tmp_path / "fsdp.py",
@@ -53,6 +55,9 @@ def test_two_process_fsdp_matches_single_process(tmp_path: Path) -> None:
     fsdp = losses(tmp_path / "fsdp")
     assert len(fsdp) == 4
     assert fsdp == pytest.approx(single["losses"], rel=1e-5)
+    # the held-out loss counts each of the 5 samples once on 2 ranks too (rank 1's last share is all padding)
+    held_out = losses(tmp_path / "fsdp", "eval")
+    assert len(held_out) == 2 and held_out == pytest.approx(losses(tmp_path / "single", "eval"), rel=1e-5)
     # the exported model (gathered from the shards on rank 0) holds the same trained weights
     a, b = load_weights(tmp_path / "single" / "model"), load_weights(tmp_path / "fsdp" / "model")
     assert a.keys() == b.keys()
@@ -83,7 +88,9 @@ def test_two_process_fsdp_trains_sva_like_one_process(tmp_path: Path) -> None:
         "checkpoint": {"interval": 100, "export": False},
         "model": tiny_model_cfg(connector="sva"),
     }
-    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
+    single = run(
+        train_cfg(records, tmp_path / "single", data={"batch_size": 4, "val_fraction": 0.25}, **over)
+    )
     cfg = train_cfg(
         records, tmp_path / "fsdp", runner={"type": "fsdp", "device": "cpu"}, data={"batch_size": 2}, **over
     )

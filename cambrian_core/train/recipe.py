@@ -748,21 +748,32 @@ class TrainRecipe:
             world_size=r.world_size,
             rank=r.rank,
             drop_last=False,
-            # one process: no padding, each held-out sample counted once; ranks in lock-step need full batches
-            pad=r.world_size > 1,
         )
+        # every rank runs the same number of forwards (lock-step); each held-out sample is counted once
+        plan = sampler.exact_batches()
         r.model.eval()
-        loss_sum, count = 0.0, 0
-        for i, batch in enumerate(self._loader(self.val_set, sampler)):
+        loss_sum, count, fallback = 0.0, 0, None
+        loader = self._loader(self.val_set, [indices for indices, _ in plan])
+        for i, ((_, counts), batch) in enumerate(zip(plan, loader, strict=True)):
             if self.sched.eval_max_batches and i >= self.sched.eval_max_batches:
                 break
-            for sk in batch["skipped"]:
-                self.skips.add(sk)
-            if not batch["num_samples"]:
-                continue
+            if counts:
+                for sk in batch["skipped"]:
+                    self.skips.add(sk)
+            if not batch["num_samples"]:  # every sample of this share was skipped
+                if r.world_size == 1:
+                    continue
+                if fallback is None:
+                    raise RuntimeError(
+                        f"held-out batch {i} has no usable sample on rank {r.rank} and none came before it "
+                        "(see the skipped records in the log)"
+                    )
+                batch, counts = fallback, False  # the other ranks' forward needs this rank's
             loss = float(r.forward(batch).float().cpu())
-            loss_sum += loss * batch["num_target_tokens"]
-            count += batch["num_target_tokens"]
+            if counts:
+                fallback = batch
+                loss_sum += loss * batch["num_target_tokens"]
+                count += batch["num_target_tokens"]
         r.model.train()
         totals = r.all_reduce(torch.tensor([loss_sum, float(count)]))
         value = float(totals[0] / max(totals[1], 1.0))

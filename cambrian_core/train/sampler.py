@@ -31,9 +31,10 @@ class GroupedBatchSampler:
         world_size / rank: data-parallel layout; each rank gets its own slice of every global batch.
         seed: base seed; epoch ``e`` uses ``seed + e``.
         drop_last: drop the final incomplete global batch (keeps ranks in lock-step; default).
-        pad: with ``drop_last=False``, fill the last global batch with samples from the start of the epoch
-            (default: every rank gets a full batch); ``False`` leaves it short, so every sample is seen exactly
-            once (one process's held-out loss; with several ranks a short share may be empty).
+        pad: with ``drop_last=False``, fill each modality's last global batch with samples of that modality from
+            the start of the epoch (default: every rank gets a full batch of one modality); ``False`` merges the
+            leftovers into short trailing batches, so every sample is seen exactly once (with several ranks a
+            short share may be empty). ``exact_batches`` gives a padded sampler's batches without the repeats.
     """
 
     def __init__(
@@ -122,11 +123,15 @@ class GroupedBatchSampler:
                 batches += [idx[i : i + gb] for i in range(0, len(idx), gb)]
         full = [b for b in batches if len(b) == gb]
         partial = [b for b in batches if len(b) < gb]
-        if not self.drop_last and partial:
-            # merge the modality leftovers into trailing batches (padded by wrapping around the epoch)
+        if not self.drop_last and self.pad:
+            # each modality's leftover is filled with samples of its own modality (wrapping around them), so
+            # every rank runs the same modules in a global batch (sharded runners gather weights in lock-step)
+            for b in partial:
+                same = order[self.has_image[order] == self.has_image[b[0]]]
+                full.append(np.concatenate([b, np.resize(same, gb - len(b))]))
+        elif not self.drop_last and partial:
+            # one process: the modality leftovers share trailing batches, every sample exactly once
             rest = np.concatenate(partial)
-            while self.pad and len(rest) % gb:
-                rest = np.concatenate([rest, order[: gb - len(rest) % gb]])
             full += [rest[i : i + gb] for i in range(0, len(rest), gb)]
         if count_only:
             return full
@@ -134,6 +139,26 @@ class GroupedBatchSampler:
             perm = rng.permutation(len(full))
             full = [full[i] for i in perm]
         return full
+
+    def exact_batches(self) -> list[tuple[list[int], bool]]:
+        """This rank's batches of the current epoch with the padding taken out, for an exact held-out metric.
+
+        Every sample of the split is counted once across all ranks: a padded entry (a repeat of a sample already
+        placed, in the order of the global batches) is dropped from its rank's share. A share left with no sample
+        keeps its repeats and is marked ``counts=False``: the rank runs the forward with the others (sharded
+        runners gather weights in lock-step) and discards the result. Returns ``[(indices, counts), ...]``.
+        """
+        seen: set[int] = set()
+        out = []
+        for gbatch in self._global_batches(self.epoch):
+            first = []
+            for i in gbatch.tolist():
+                first.append(i not in seen)
+                seen.add(i)
+            share = list(range(self.rank, len(first), self.world_size))
+            real = [int(gbatch[k]) for k in share if first[k]]
+            out.append((real, True) if real else ([int(gbatch[k]) for k in share], False))
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._global_batches(self.epoch)
