@@ -284,3 +284,32 @@ def test_the_controller_names_what_a_bad_registration_lacks(cluster):
     r = post(url, "/receive_heart_beat", {"name": "x"})
     assert r.status_code == 400 and "worker_name" in r.json()["text"]
     wait_for(lambda: post(url, "/list_models").json() == {"models": ["tiny-a", "tiny-b"]}, timeout=10)
+
+
+def test_the_controller_caps_request_bodies_declared_or_chunked():
+    from cambrian_core.serve.controller import create_app as controller_app
+    from cambrian_core.serve.controller import default_max_body
+    from cambrian_core.serve.server import BackgroundServer
+
+    assert default_max_body() == 8 * 32 * 2**20 * 4 // 3 + 2**20  # a worker's default: 8 images of 32 MiB
+    server = BackgroundServer(controller_app(Controller(), max_body=2**20)).start()
+    try:
+
+        def chunked():  # no Content-Length: counted as it arrives
+            yield b'{"model": "tiny-a", "prompt": "'
+            for _ in range(1100):
+                yield b"x" * 1024
+            yield b'"}'
+
+        for path in ("/worker_generate_stream", "/register_worker"):
+            r = httpx.post(server.url + path, content=chunked(), timeout=60)
+            assert r.status_code == 413 and r.json() == {
+                "text": "the request body is over 1 MiB",
+                "error_code": 4,
+            }, path
+        r = post(server.url, "/worker_generate_stream", {"model": "tiny-a", "prompt": "x" * (2**20 + 10)})
+        assert r.status_code == 413 and r.json()["text"] == "the request body is over 1 MiB"
+        r = post(server.url, "/worker_generate_stream", {"model": "tiny-a", "prompt": "x" * 1000})
+        assert r.status_code == 404 and "no worker serves model 'tiny-a'" in r.json()["text"]  # under the cap
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import threading
@@ -25,9 +26,11 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cambrian_core.serve.errors import SERVER_ERROR_MSG, ErrorCode
+from cambrian_core.serve.errors import SERVER_ERROR_MSG, ErrorCode, RequestError
 from cambrian_core.serve.flags import DISPATCH_METHODS, controller_arguments
+from cambrian_core.serve.images import ImageLimits
 from cambrian_core.serve.protocol import CONTROLLER_HEART_BEAT_EXPIRATION, aiter_complete, chunk
+from cambrian_core.serve.server import read_body
 
 __all__ = ["Controller", "WorkerInfo", "create_app", "main"]
 
@@ -183,8 +186,16 @@ class Controller:
             self.remove_stale_workers()
 
 
-def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
-    """The controller's FastAPI app (``worker_timeout``: longest wait for the next proxied chunk)."""
+def default_max_body() -> int:
+    """The largest body a worker with default image limits accepts: every image at its byte limit, base64."""
+    limits = ImageLimits()
+    return limits.max_images * limits.max_bytes * 4 // 3 + 2**20
+
+
+def create_app(controller: Controller, worker_timeout: float = 600.0, max_body: int | None = None) -> Any:
+    """The controller's FastAPI app (``worker_timeout``: longest wait for the next proxied chunk; ``max_body``:
+    bytes a request body may hold, default what a worker with default image limits accepts)."""
+    limit = default_max_body() if max_body is None else max_body
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -198,11 +209,16 @@ def create_app(controller: Controller, worker_timeout: float = 600.0) -> Any:
     app.state.controller = controller
 
     async def body(request: Request) -> dict[str, Any]:
+        raw = await read_body(request, limit)  # a RequestError (413) past the limit
         try:
-            data = await request.json()
+            data = json.loads(raw)
         except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
+
+    @app.exception_handler(RequestError)
+    async def refuse(request: Request, exc: RequestError) -> Response:
+        return JSONResponse({"text": exc.message, "error_code": int(exc.error_code)}, status_code=exc.status)
 
     def bad_request(text: str) -> Response:
         return JSONResponse({"text": text, "error_code": int(ErrorCode.BAD_REQUEST)}, status_code=400)
@@ -301,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
     from cambrian_core.serve.server import run_app
 
     controller = Controller(args.dispatch_method, args.heart_beat_expiration)
-    run_app(create_app(controller, args.worker_timeout), args.host, args.port)
+    max_body = None if args.max_body_mb is None else int(args.max_body_mb * 2**20)
+    run_app(create_app(controller, args.worker_timeout, max_body), args.host, args.port)
     return 0
 
 

@@ -69,6 +69,12 @@ def controller_arguments(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds to wait for a worker's next stream chunk before giving up (default %(default)s)",
     )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=None,
+        help="largest request body in MiB (default: what a worker with default image limits accepts)",
+    )
 
 
 def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> None:
