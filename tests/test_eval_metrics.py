@@ -158,6 +158,11 @@ def test_llava_med_normaliser_and_recall() -> None:
     assert llava_med_normalize("is: yes") == "is: yes"
     assert llava_med_normalize("None") == "0"
     assert llava_med_normalize("dont") == "don't"
+    # the whole VQA table: each apostrophe of a double contraction may be the missing one; capitalised keys
+    # ("Im") never match lower-cased words; "somebody'd" loses its apostrophe, as upstream's table says
+    assert llava_med_normalize("Hes sure itll heal, it couldnt've") == "he's sure it'll heal it couldn't've"
+    assert llava_med_normalize("shouldn'tve twas yall'd've") == "shouldn't've 'twas y'all'd've"
+    assert llava_med_normalize("Im somebody'd") == "im somebodyd"
     # tp counts prediction repeats, fn gold-only words: 3 / (3 + 1); the strict recall clips repeats: 2 / 3
     assert llava_med_recall("lower lobe lower", "left lower lobe") == pytest.approx(0.75)
     assert score("open_recall", "lower lobe lower", item("left lower lobe")) == pytest.approx(2 / 3)

@@ -213,39 +213,32 @@ _LM_PUNCT = (
 _LM_DIGIT_COMMA = re.compile(r"\d,\d")
 _LM_PERIOD = re.compile(r"\.(?!\d)")
 _LM_NUMBERS = {"none": "0", **{w: n for w, n in _WORD_NUMBERS.items() if int(n) <= 10}}
-#: apostrophe-less spellings restored (the common subset of the VQA contraction table)
-_LM_CONTRACTIONS = {
-    w.replace("'", ""): w
-    for w in [
-        "ain't",
-        "aren't",
-        "can't",
-        "couldn't",
-        "didn't",
-        "doesn't",
-        "don't",
-        "hadn't",
-        "hasn't",
-        "haven't",
-        "isn't",
-        "wasn't",
-        "weren't",
-        "won't",
-        "wouldn't",
-        "shouldn't",
-        "mustn't",
-        "i'm",
-        "i've",
-        "you're",
-        "you've",
-        "they're",
-        "they've",
-        "that's",
-        "there's",
-        "what's",
-        "who's",
-    ]
-}
+#: the VQA evaluation's contraction table, as LLaVA-Med applies it (after lower-casing): each form below is
+#: restored from its spelling without its apostrophe, and a form with several apostrophes from each spelling
+#: that lacks one of them ("couldnt've", "couldn'tve" -> "couldn't've"). Its capitalised keys ("Im", "Ive",
+#: "Id've", "I'dve") never match lower-cased words and are left out; "somebody'd" -> "somebodyd" is its own.
+_LM_CONTRACTED_FORMS = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
+    "he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've "
+    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd "
+    "something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're "
+    "they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've "
+    "who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll "
+    "y'all'd've you'd you'd've you'll you're you've"
+)
+_LM_CONTRACTED = tuple(_LM_CONTRACTED_FORMS.split())
+
+
+def _apostrophe_less(form: str) -> list[str]:
+    cuts = [i for i, c in enumerate(form) if c == "'"]
+    if len(cuts) == 1:
+        return [form.replace("'", "")]
+    return [form[:i] + form[i + 1 :] for i in cuts]
+
+
+_LM_CONTRACTIONS = {key: form for form in _LM_CONTRACTED for key in _apostrophe_less(form)}
+_LM_CONTRACTIONS["somebody'd"] = "somebodyd"
 
 
 def llava_med_normalize(text: object) -> str:
