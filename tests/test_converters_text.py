@@ -15,6 +15,7 @@ from PIL import Image
 from cambrian_core.data.case import Case, Reject
 from cambrian_core.data.converter import Converter, LayoutError
 from cambrian_core.data.records import conversation_problem, iter_records
+from cambrian_core.data.sources import clean_text
 from cambrian_core.registry import DATASETS, build
 
 LONG_CAPTION = (
@@ -169,6 +170,27 @@ def test_pmc_oa_packages_and_mvd_layouts(tmp_path: Path) -> None:
         cases["PMC555/fig2"].text["caption"] == accented and cases["PMC555/fig2"].labels["caption_repaired"]
     )
     assert undo_unicode_escape("Größe") == "Größe" and undo_unicode_escape("plain") == "plain"
+
+    # MVD's variant: PMC-OA's split files beside captions/ + images2/ select whole figures by pmcid + url_name
+    rows = [
+        {"image": "PMC555_F1_1.jpg", "caption": "a subcaption", "pmcid": "PMC555", "url_name": "fig1.jpg"},
+        {"image": "PMC555_F1_2.jpg", "caption": "another one", "pmcid": "PMC555", "url_name": "fig1.jpg"},
+        {"image": "PMC555_F7_1.jpg", "caption": "x", "pmcid": "PMC555", "url_name": "fig7.jpg"},
+        {"image": "PMC999_F1_1.jpg", "caption": "x", "pmcid": "PMC999", "url_name": "f1.jpg"},
+        {"image": "PMC555_F2_1.jpg", "caption": "x"},
+    ]
+    (mvd / "train.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")
+    conv = converter("pmc_oa", mvd)
+    assert conv.detect() == "mvd"
+    conv.check_layout()
+    cases, rejects = split(list(conv.iter_cases()))
+    assert list(cases) == ["PMC555/fig1"]  # once, with the figure's own caption; fig2 and fig9 not selected
+    assert cases["PMC555/fig1"].text["caption"] == clean_text(LONG_CAPTION)
+    assert rejects == {
+        "train:5": "train.jsonl line 5: no `pmcid` / `url_name` field",
+        "PMC999/f1": "captions/PMC999.json not found",
+        "PMC555/fig7": "figure 'fig7' is not in captions/PMC555.json",
+    }
 
 
 def test_pmc_oa_reads_tar_gz_packages(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ Three input layouts, detected in this order:
    extension, resolved by trying ``.jpg .jpeg .png .gif .tif .tiff .bmp``);
 3. the reference scripts' intermediate form: ``captions/<PMCID>.json`` (lists of ``{image_filename, label, title,
    caption}``) + ``images2/<PMCID>/<figure>.<ext>``; its captions went through ``unicode_escape`` decoding, which
-   is undone where it garbled them.
+   is undone where it garbled them. With PMC-OA's ``train/valid/test.jsonl`` beside them (and no subfigure
+   folder), only the whole figures those files name (distinct ``pmcid`` + ``url_name``) are read, as MVD does.
 
 Captions shorter than ``min_caption_words`` (20, the recipe's stage-1 rule) become rejects. Each caption is
 classified into modality / body part / disease keywords (§A.1.4) by a pluggable classifier (default: keyword
@@ -185,9 +186,11 @@ class PmcOaConverter(Converter):
         """The layout in use (``pmc_clip``, ``packages`` or ``mvd``); raises LayoutError when none fits."""
         if self.layout != "auto":
             return self.layout
+        mvd = (self.root / "captions").is_dir() and (self.root / "images2").is_dir()
         if self._metafiles():
-            return "pmc_clip"
-        if (self.root / "captions").is_dir() and (self.root / "images2").is_dir():
+            # MVD's variant: the split files only select whole figures of captions/ + images2/
+            return "mvd" if mvd and not self._image_dir().is_dir() else "pmc_clip"
+        if mvd:
             return "mvd"
         if self._packages():
             return "packages"
@@ -292,10 +295,47 @@ class PmcOaConverter(Converter):
                     caption = _caption(fig.find("caption"))
                     yield self._case(cid, find_image(folder, href), caption, where, extra)
 
+    def _mvd_selection(self) -> Iterator[Reject | tuple[str, str]]:
+        """MVD's use of the PMC-OA split files: the distinct ``(pmcid, figure)`` pairs they name (``url_name``
+        without its image extension: the ``image_filename`` of ``captions/<pmcid>.json``)."""
+        for meta in self._metafiles():
+            for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if not line.strip():
+                    continue
+                where = f"{meta.name} line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield Reject(self.name, f"{meta.stem}:{lineno}", f"{where}: not JSON ({exc.msg})")
+                    continue
+                if not isinstance(row, dict) or not row.get("pmcid") or not row.get("url_name"):
+                    yield Reject(
+                        self.name, f"{meta.stem}:{lineno}", f"{where}: no `pmcid` / `url_name` field"
+                    )
+                    continue
+                name = Path(str(row["url_name"])).name
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    name = name[: -len(Path(name).suffix)]
+                yield str(row["pmcid"]), name
+
     def _iter_mvd(self) -> Iterator[Case | Reject]:
+        selected: dict[str, set[str]] | None = None
+        if self._metafiles():
+            selected = {}
+            for item in self._mvd_selection():
+                if isinstance(item, Reject):
+                    yield item
+                else:
+                    selected.setdefault(item[0], set()).add(item[1])
+            for pmcid in sorted(selected):
+                if not (self.root / "captions" / f"{pmcid}.json").is_file():
+                    for name in sorted(selected.pop(pmcid)):
+                        yield Reject(self.name, f"{pmcid}/{name}", f"captions/{pmcid}.json not found")
         seen: dict[str, int] = {}
         for meta in sorted((self.root / "captions").glob("*.json")):
             pmcid = meta.stem
+            if selected is not None and pmcid not in selected:
+                continue
             try:
                 figures = json.loads(meta.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
@@ -308,6 +348,10 @@ class PmcOaConverter(Converter):
                 if not name:
                     yield Reject(self.name, cid, f"{where}: no `image_filename`")
                     continue
+                if selected is not None:
+                    if Path(name).name not in selected[pmcid]:
+                        continue
+                    selected[pmcid].discard(Path(name).name)
                 image = find_image(self.root / "images2" / pmcid, Path(name).name)
                 extra = {"pmcid": pmcid, "label": clean_text(fig.get("label")), "figure": name}
                 raw = str(fig.get("caption") or "")
@@ -315,6 +359,8 @@ class PmcOaConverter(Converter):
                 if caption != raw:
                     extra["caption_repaired"] = True
                 yield self._case(cid, image, clean_text(caption), where, extra)
+            for name in sorted(selected.get(pmcid, ()) if selected is not None else ()):
+                yield Reject(self.name, f"{pmcid}/{name}", f"figure {name!r} is not in captions/{meta.name}")
 
     def iter_cases(self) -> Iterator[Case | Reject]:
         layout = self.detect()
