@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import export_helpers as H
 import pytest
@@ -160,3 +161,69 @@ def test_model_card_lists_architecture_training_data_and_evaluation(saved, tmp_p
     assert main(["export", "card", str(folder), "--eval", str(folder / "nope.json")]) == 2
     (folder / "notes.txt").write_text("not json")
     assert main(["export", "card", str(folder), "--manifest", str(folder / "notes.txt")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            "drop_shard",
+            r"shard model-00002-of-\d+\.safetensors listed in model\.safetensors\.index\.json is missing",
+        ),
+        (
+            "truncate_shard",
+            r"model-00002-of-\d+\.safetensors cannot be read as safetensors .* truncated or corrupt",
+        ),
+        ("no_weight_map", r"model\.safetensors\.index\.json has no `weight_map` object"),
+        ("cut_config", r"cambrian_config\.json is not valid JSON"),
+        ("newer_config", r"version 99 is not readable by this cambrian .* upgrade cambrian"),
+        ("no_model", r"cambrian_config\.json has no `model` section"),
+    ],
+)
+def test_exports_check_the_source_folder_first(saved, tmp_path, capsys, damage, message):
+    import shutil
+
+    _, src = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    assert (
+        main(
+            [
+                "export",
+                "convert-dtype",
+                str(bad),
+                str(tmp_path / "tiny"),
+                "--dtype",
+                "bf16",
+                "--max-shard-size",
+                "200KB",
+            ]
+        )
+        == 0
+    )
+    shutil.rmtree(bad)
+    shutil.copytree(tmp_path / "tiny", bad)  # several shards
+    shard = bad / sorted(p.name for p in bad.glob("model-*.safetensors"))[1]
+    config = bad / CONFIG_NAME
+    if damage == "drop_shard":
+        shard.unlink()
+    elif damage == "truncate_shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "no_weight_map":
+        (bad / INDEX_NAME).write_text(json.dumps({"metadata": {}}))
+    elif damage == "cut_config":
+        config.write_text(config.read_text()[:100])
+    else:
+        meta = json.loads(config.read_text())
+        meta.update({"format_version": 99} if damage == "newer_config" else {"model": None})
+        config.write_text(json.dumps(meta))
+    for command in (
+        ["hf", str(bad), str(tmp_path / "hf")],
+        ["card", str(bad)],
+        ["convert-dtype", str(bad), str(tmp_path / "c"), "--dtype", "fp16"],
+    ):
+        capsys.readouterr()
+        assert main(["export", *command]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and re.search(message, err), (command, err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "c").exists()  # nothing written

@@ -266,3 +266,15 @@ def test_unsharded_entries_that_differ_between_ranks_are_named(tmp_path, state):
         tmp_path / "full",
         rf"unsharded entries that differ between ranks .*: {WRAPPED}\.model\.extra_buffer",
     )
+
+
+def test_a_truncated_rank_file_is_named(tmp_path, state):
+    src = write_ranks(xla_fsdp_checkpoints(state, 2, [], flatten=True), tmp_path / "ckpt")
+    rank = src / "model_ckpt_rank-00000001-of-00000002.pth"
+    rank.write_bytes(rank.read_bytes()[: rank.stat().st_size // 2])
+    with pytest.raises(
+        ValueError,
+        match=r"model_ckpt_rank-00000001-of-00000002\.pth cannot be read by torch\.load .* truncated",
+    ):
+        consolidate_tpu(src, tmp_path / "full")
+    assert not (tmp_path / "full").exists()

@@ -28,7 +28,7 @@ def _guarded(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             out = fn(args)
-        except (ValueError, FileExistsError, ImportError) as exc:
+        except (ValueError, FileExistsError, FileNotFoundError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if out is not None:

@@ -83,9 +83,19 @@ def find_sources(folder: str | os.PathLike[str]) -> CardSources:
 
 def parameter_counts(folder: str | os.PathLike[str], depth: int = 1) -> dict[str, int]:
     """Parameters per top-level name group (``towers.0``, ``connector``, ``llm`` ...) from safetensors headers."""
+    from safetensors import SafetensorError
+
+    from cambrian_core.model.io import ModelFileError
+
     counts: dict[str, int] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except SafetensorError as exc:
+            raise ModelFileError(
+                f"{path} cannot be read as safetensors ({exc}); it is truncated or corrupt"
+            ) from None
+        with f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 parts = key.split(".")
                 group = ".".join(parts[: depth + 1]) if parts[0] == "towers" else parts[0]
@@ -241,10 +251,10 @@ def write_model_card(
         notes: lines under the title.
         title: card title (default: the folder name).
     """
-    from cambrian_core.model.io import CONFIG_NAME
+    from cambrian_core.model.io import read_meta
 
     folder = Path(folder)
-    cfg = json.loads((folder / CONFIG_NAME).read_text())["model"]
+    cfg = read_meta(folder)["model"]
     llm_cfg = _json(folder / "llm" / "config.json")
     usage = usage or (
         "```python\nfrom cambrian_core.model.io import load_model\n\n"

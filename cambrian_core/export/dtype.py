@@ -45,12 +45,15 @@ def resolve_dtype(name: str | torch.dtype) -> tuple[torch.dtype, str]:
 
 
 def saved_folder(path_or_name: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """A saved cambrian folder (path or registered name) and its raw ``cambrian_config.json``."""
+    """A saved cambrian folder (path or registered name) and its raw ``cambrian_config.json``, checked before
+    anything is written from it: a readable config, and every shard of its index present and readable."""
     from cambrian_core.model.checkpoints import resolve_folder
-    from cambrian_core.model.io import CONFIG_NAME
+    from cambrian_core.model.io import check_weights, read_meta
 
     folder = resolve_folder(path_or_name)
-    return folder, json.loads((folder / CONFIG_NAME).read_text())
+    meta = read_meta(folder)
+    check_weights(folder)
+    return folder, meta
 
 
 def copy_model_files(src: Path, dst: Path, skip: set[str]) -> None:

@@ -167,13 +167,22 @@ def weight_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU, memory-mapped when the file is in the zip format."""
+    """``torch.load(weights_only=True)`` on the CPU, memory-mapped when the file is in the zip format; a file
+    torch cannot read is a :class:`ModelFileError` naming it."""
+    from cambrian_core.model.io import ModelFileError
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc) and "zip" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as exc:
+        raise ModelFileError(
+            f"{path} cannot be read by torch.load ({str(exc).splitlines()[0]}); it is truncated or corrupt: "
+            "copy it again"
+        ) from None
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:

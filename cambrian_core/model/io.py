@@ -179,8 +179,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The model config of a saved folder, with its inner paths made absolute."""
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """The raw ``cambrian_config.json`` of a saved folder, checked: valid JSON, a format and version this
+    cambrian reads, and a ``model`` section."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a saved cambrian model: {CONFIG_NAME} is missing")
@@ -193,17 +194,63 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format {meta.get('format')!r} version {version!r} is not readable by this cambrian "
             f"(reads format 'cambrian' up to version {FORMAT_VERSION}); upgrade cambrian"
         )
+    if not isinstance(meta.get("model"), dict):
+        raise ModelFileError(f"{path} has no `model` section; the file is damaged: save the model again")
+    return meta
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The model config of a saved folder, with its inner paths made absolute."""
+    meta = read_meta(folder)
     root = str(Path(folder).resolve())
     return _relocate(meta["model"], _HERE, root + os.sep)
 
 
-def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved folder (tied aliases restored), on the CPU."""
+def read_index(folder: str | os.PathLike) -> dict[str, Any]:
+    """A saved folder's ``model.safetensors.index.json``, checked to hold a ``weight_map`` object."""
     folder = Path(folder)
     index_path = folder / INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(f"{folder}: {INDEX_NAME} is missing (not a saved cambrian model?)")
     index = read_json(index_path)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise ModelFileError(
+            f"{index_path} has no `weight_map` object; the index is damaged: save the model again"
+        )
+    return index
+
+
+def check_weights(folder: str | os.PathLike) -> None:
+    """Every shard a saved folder's index lists exists, has a readable safetensors header that covers the file,
+    and holds the tensors the index places in it (headers only: no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    weight_map = read_index(folder)["weight_map"]
+    by_shard: dict[str, set[str]] = {}
+    for key, filename in weight_map.items():
+        by_shard.setdefault(str(filename), set()).add(key)
+    for filename, keys in sorted(by_shard.items()):
+        shard = folder / filename
+        if not shard.is_file():
+            raise FileNotFoundError(f"{folder}: shard {filename} listed in {INDEX_NAME} is missing")
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                held = set(f.keys())
+        except SafetensorError as exc:
+            raise ModelFileError(
+                f"{shard} cannot be read as safetensors ({exc}); it is truncated or corrupt: copy or save it again"
+            ) from None
+        if keys - held:
+            raise ValueError(
+                f"{folder}: tensors {sorted(keys - held)[:5]} are in the index but not in {filename}"
+            )
+
+
+def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder (tied aliases restored), on the CPU."""
+    folder = Path(folder)
+    index = read_index(folder)
     state: dict[str, torch.Tensor] = {}
     for filename in sorted(set(index["weight_map"].values())):
         shard = folder / filename
