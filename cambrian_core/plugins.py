@@ -26,12 +26,14 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginError",
     "PluginFailure",
+    "call_each",
     "config_dirs",
     "current_provider",
     "ensure_loaded",
     "failures",
     "load_plugins",
     "plugin_manager",
+    "record_failure",
 ]
 
 ENTRY_POINT_GROUP = "cambrian.plugins"
@@ -52,11 +54,12 @@ class PluginFailure:
     traceback: str = field(repr=False, default="")
 
     def __str__(self) -> str:
-        return f"plugin `{self.name}` from {self.distribution} failed: {self.error}"
+        who = f"plugin `{self.name}` from {self.distribution}" if self.name else f"plugin {self.distribution}"
+        return f"{who} failed: {self.error}"
 
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"pm": None, "failures": [], "loaded": False, "loading": False}
+_state: dict[str, Any] = {"pm": None, "failures": [], "labels": {}, "loaded": False, "loading": False}
 _provider = threading.local()
 
 
@@ -86,8 +89,17 @@ def _entry_points() -> list[md.EntryPoint]:
     return list(md.entry_points(group=ENTRY_POINT_GROUP))
 
 
+def _dist_name(ep: md.EntryPoint) -> str:
+    return ep.dist.metadata["Name"] if ep.dist is not None else ""
+
+
 def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.PluginManager:
     """Discover and load every plugin; return the plugin manager.
+
+    cambrian's own entry points load first, then the others by distribution name. Each entry point is
+    registered under ``<distribution>:<entry point>``, so two packages may use the same entry-point name. A
+    component name a plugin registers when another distribution already holds it is a recorded failure naming
+    both (the first registration is kept, the plugin's other components still load).
 
     Args:
         strict: raise ``PluginError`` when any plugin fails (default: ``$CAMBRIAN_STRICT_PLUGINS``).
@@ -97,7 +109,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
     from cambrian_core.registry import REGISTRIES
 
     if strict is None:
-        strict = os.environ.get("CAMBRIAN_STRICT_PLUGINS", "") not in ("", "0")
+        strict = _strict_default()
     with _lock:
         if _state["loaded"] and not reload:
             if strict and _state["failures"]:
@@ -107,39 +119,78 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
             for reg in REGISTRIES.values():
                 reg.clear()
             _invalidate_import_caches()
-        _state["loading"] = True
+        _state.update(loading=True, failures=[], labels={})
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        failures: list[PluginFailure] = []
-        # pluggy's own loader: it imports each entry point and records its distribution; we load one
-        # entry point at a time so that one broken plugin cannot hide the others.
-        for ep in sorted(_entry_points(), key=lambda e: (e.dist.metadata["Name"] if e.dist else "", e.name)):
+        loaded: list[tuple[Any, str]] = []
+        # one entry point at a time, so that one broken plugin cannot hide the others
+        for ep in sorted(_entry_points(), key=lambda e: (_dist_name(e) != "cambrian", _dist_name(e), e.name)):
             label = _dist_label(ep.dist)
             try:
-                _load_one(pm, ep)
+                with _providing(label):  # registrations made on import are attributed to the package
+                    plugin = ep.load()
+                pm.register(plugin, name=f"{_dist_name(ep)}:{ep.name}")
             except Exception as exc:  # a third-party plugin may raise anything on import
-                failures.append(
+                record_failure(
                     PluginFailure(ep.name, label, f"{type(exc).__name__}: {exc}", traceback.format_exc())
                 )
-        dists = {id(plugin): _dist_label(dist) for plugin, dist in pm.list_plugin_distinfo()}
+                continue
+            loaded.append((plugin, label))
+            _state["labels"][id(plugin)] = label
         registries = SimpleNamespace(**REGISTRIES)
-        for impl in pm.hook.cambrian_register.get_hookimpls():
-            label = dists.get(id(impl.plugin), "<unknown>")
+        impls = {id(impl.plugin): impl for impl in pm.hook.cambrian_register.get_hookimpls()}
+        for plugin, label in loaded:
+            impl = impls.get(id(plugin))
+            if impl is None:
+                continue
             try:
                 with _providing(label):
                     impl.function(registries=registries)
             except Exception as exc:
-                failures.append(
+                record_failure(
                     PluginFailure(
                         impl.plugin_name, label, f"{type(exc).__name__}: {exc}", traceback.format_exc()
                     )
                 )
-        _state.update(pm=pm, failures=failures, loaded=True, loading=False)
-        for f in failures:
-            log.warning("%s (the other plugins are loaded; pass --strict to make this fatal)", f)
-        if strict and failures:
-            raise PluginError("; ".join(map(str, failures)))
+        _state.update(pm=pm, loaded=True, loading=False)
+        if strict and _state["failures"]:
+            raise PluginError("; ".join(map(str, _state["failures"])))
         return pm
+
+
+def _strict_default() -> bool:
+    return os.environ.get("CAMBRIAN_STRICT_PLUGINS", "") not in ("", "0")
+
+
+def record_failure(failure: PluginFailure) -> None:
+    """Add ``failure`` to the report of this process's plugins (and log it)."""
+    _state["failures"].append(failure)
+    log.warning("%s (the other plugins are loaded; pass --strict to make this fatal)", failure)
+
+
+def in_plugin_hook() -> bool:
+    """Whether a plugin's import or hook is running now (registrations are then attributed to it)."""
+    return getattr(_provider, "name", None) is not None
+
+
+def call_each(hook: str, strict: bool | None = None, **kwargs: Any) -> list[Any]:
+    """Call hook ``hook`` of every plugin, each on its own: a plugin whose implementation raises is a recorded
+    failure (``PluginError`` under ``strict``) and the others still run. Returns the results in load order."""
+    pm = load_plugins(strict=strict)
+    out = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():  # registration (= load) order
+        label = _state["labels"].get(id(impl.plugin), "<unknown>")
+        try:
+            with _providing(label):
+                out.append(impl.function(**kwargs))
+        except Exception as exc:
+            failure = PluginFailure(
+                impl.plugin_name, label, f"{hook}: {type(exc).__name__}: {exc}", traceback.format_exc()
+            )
+            record_failure(failure)
+            if strict if strict is not None else _strict_default():
+                raise PluginError(str(failure)) from exc
+    return out
 
 
 def _invalidate_import_caches() -> None:
@@ -149,16 +200,6 @@ def _invalidate_import_caches() -> None:
 
     importlib.invalidate_caches()
     sys.path_importer_cache.clear()
-
-
-def _load_one(pm: pluggy.PluginManager, ep: md.EntryPoint) -> None:
-    """Load one entry point through pluggy's ``load_setuptools_entrypoints`` (filtered by name)."""
-    if pm.get_plugin(ep.name) is not None:
-        owner = next(
-            (_dist_label(d) for p, d in pm.list_plugin_distinfo() if p is pm.get_plugin(ep.name)), "?"
-        )
-        raise PluginError(f"entry-point name `{ep.name}` is already taken by {owner}; rename the entry point")
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
 
 
 def ensure_loaded() -> None:
@@ -181,6 +222,6 @@ def failures() -> list[PluginFailure]:
 def config_dirs() -> dict[str, str]:
     """``{scope: folder}`` contributed by every plugin through ``cambrian_config_dirs``."""
     out: dict[str, str] = {}
-    for mapping in plugin_manager().hook.cambrian_config_dirs():
+    for mapping in call_each("cambrian_config_dirs"):
         out.update(mapping or {})
     return out

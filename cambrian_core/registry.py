@@ -111,7 +111,20 @@ class CambrianRegistry(Registry):
         from cambrian_core import plugins  # local: plugins imports this module
 
         names = module_name if isinstance(module_name, (list, tuple)) else [module_name or module.__name__]
-        super()._register_module(module=module, module_name=module_name, force=force)
+        if not force and plugins.in_plugin_hook():  # a plugin may not take a name another one holds
+            for n in [n for n in names if n in self._module_dict]:
+                plugins.record_failure(
+                    plugins.PluginFailure(
+                        "",
+                        plugins.current_provider(),
+                        f"{self.kind} `{n}` clashes with the one from {self.providers.get(n, '?')}, which is kept; "
+                        "register it under another name",
+                    )
+                )
+            names = [n for n in names if n not in self._module_dict]
+            if not names:
+                return
+        super()._register_module(module=module, module_name=list(names), force=force)
         for n in names:
             self.providers[n] = plugins.current_provider()
 

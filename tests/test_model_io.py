@@ -286,3 +286,14 @@ def test_a_truncated_shard_or_corrupt_config_is_named(tmp_path):
     with pytest.raises(ModelFileError, match=r"cambrian_config\.json is not valid JSON"):
         read_config(folder)
     assert main(["export", "hf", str(folder), str(tmp_path / "out")]) == 2  # an error line, not a traceback
+
+
+def test_components_given_as_classes_are_saved_by_their_registered_names(tmp_path):
+    from cambrian_core import CONNECTORS
+
+    tower = {"type": ENCODERS.get("clip"), **ENCODERS.get("clip").tiny_config(), "token_len": 16}
+    model = make(seed=13, vision_tower_aux_list=[tower], connector={"type": CONNECTORS.get("mlp2x_gelu")})
+    folder = model.save_pretrained(str(tmp_path / "m"))
+    saved = read_config(folder)
+    assert saved["vision_tower_aux_list"][0]["type"] == "clip" and saved["connector"]["type"] == "mlp2x_gelu"
+    assert_same_state(model, load_model(folder))

@@ -39,7 +39,7 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _CORE_COMMANDS:
         importlib.import_module(mod).add_parser(sub)
-    plugins.load_plugins(strict=strict).hook.cambrian_cli_commands(subparsers=sub)
+    plugins.call_each("cambrian_cli_commands", strict=strict, subparsers=sub)  # a failing one is reported
     return parser
 
 

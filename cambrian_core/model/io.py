@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cambrian_core.fileio import staged_folder
-from cambrian_core.registry import ENCODERS, LLMS, MODELS, build
+from cambrian_core.registry import CONNECTORS, ENCODERS, LLMS, MODELS, build
 
 __all__ = [
     "CONFIG_NAME",
@@ -84,6 +84,8 @@ def saved_config(model: nn.Module, folder: Path) -> dict[str, Any]:
     llm_dir = folder / "llm"
     llm_kwargs = model.llm.save_pretrained(str(llm_dir))
     cfg["llm"] = {"type": _type_name(LLMS, cfg["llm"]["type"]), **_relocate(llm_kwargs, str(folder), _HERE)}
+    if isinstance(cfg.get("connector"), Mapping) and "type" in cfg["connector"]:
+        cfg["connector"] = {**cfg["connector"], "type": _type_name(CONNECTORS, cfg["connector"]["type"])}
     cfg["stage"] = model.stage
     cfg["gradient_checkpointing"] = bool(model.gradient_checkpointing)
     return {"type": "cambrian", **cfg}
