@@ -665,3 +665,21 @@ def test_sva_row_moments_and_their_gradient_check() -> None:
     expected = g_mean.unsqueeze(-1) / 64 + 2 * y.detach() * g_square.unsqueeze(-1) / 64
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     assert _row_moments(y.detach().bfloat16())[1].dtype == torch.float32  # bf16 rows: fp32 moments
+
+
+def test_compiling_sva_is_refused_on_a_torch_with_wrong_compiled_gradients(monkeypatch):
+    import cambrian_plugins.connectors.sva as sva_module
+
+    for version, release in (("2.14.1", (2, 14)), ("2.13.0+cpu", (2, 13)), ("2.12.0a0+git1234", (2, 12))):
+        monkeypatch.setattr(torch, "__version__", version)
+        assert sva_module._torch_release() == release
+    assert "torch 2.12.0a0+git1234" in SVAConnector.compile_problem()  # measured wrong on 2.11, right on 2.13
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    assert SVAConnector.compile_problem() is None
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    m = _ref_model()
+    with pytest.raises(
+        RuntimeError, match=r"wrong gradients with padding masks on torch 2\.11\.0\+cu130 .* >= 2\.13"
+    ):
+        m.compile()
+    assert m._compiled_call_impl is None  # nothing was compiled

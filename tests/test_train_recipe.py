@@ -474,3 +474,21 @@ def test_wandb_configured_but_not_installed_says_how_to_fix(
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ImportError, match=r"log\.wandb is set but wandb is not installed: pip install wandb"):
         run(cfg)
+
+
+def test_compiling_sva_on_a_torch_with_wrong_compiled_gradients_is_a_config_error(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(
+        ConfigError, match=r"schedule\.compile_connector: torch\.compile of the SVA connector returns wrong"
+    ):
+        run(
+            train_cfg(
+                records,
+                tmp_path,
+                model=tiny_model_cfg(connector="sva"),
+                schedule={"max_steps": 1, "compile_connector": True},
+            )
+        )
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any training

@@ -58,6 +58,11 @@ class Connector(nn.Module, abc.ABC):
     accepts_staged: bool = False
 
     @classmethod
+    def compile_problem(cls) -> str | None:
+        """Why ``torch.compile`` of this connector cannot be trusted with this torch (``None``: it can)."""
+        return None
+
+    @classmethod
     def tiny_config(cls) -> dict[str, Any]:
         """Extra keywords (besides the four dims above) for a tiny instance; registry tests use it with
         ``in_channels=[32, 48]``, ``in_token_lens=[16, 64]``, ``out_dim=64``, ``token_len=16`` unless the

@@ -225,6 +225,19 @@ class TrainRecipe:
             log.info("== %s", text)
 
     # =============================================================================================== checks
+    def _connector_compile_problem(self) -> str | None:
+        """The configured connector's reason not to compile it with this torch (``None`` if none or unknown)."""
+        from cambrian_core.model.checks import connector_config
+        from cambrian_core.registry import CONNECTORS
+
+        model = self.cfg.get("model")
+        try:
+            cls = CONNECTORS.lookup(connector_config(model)["type"])
+        except Exception:  # no model section / unknown type: reported by the other checks
+            return None
+        probe = getattr(cls, "compile_problem", None)
+        return probe() if probe is not None else None
+
     def checks(self) -> None:
         """Everything that can be wrong before any weight loads, reported at once."""
         self.announce(f"checks: config {self.config_path or '<in memory>'}")
@@ -267,6 +280,10 @@ class TrainRecipe:
         if stage is not None and stage not in ("pretrain", "finetune", "full"):
             problems.append(Problem("stage", f"{stage!r} is not a stage; choose pretrain, finetune or full"))
         runner_type = (self.cfg.get("runner") or {}).get("type", "single")
+        if self.sched.compile_connector:
+            problem = self._connector_compile_problem()
+            if problem:
+                problems.append(Problem("schedule.compile_connector", problem))
         if self.sched.compile_connector and runner_type in ("deepspeed", "xla"):
             problems.append(
                 Problem(

@@ -40,6 +40,11 @@ GLOBAL_CONTEXTS = ("mean", "masked_mean")
 _windows_eager = torch.compiler.disable(make_windows)
 
 
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 class SVAState(NamedTuple):
     """What the in-LLM samplers reuse from one connector forward (computed once, shared by all samplers)."""
 
@@ -216,9 +221,22 @@ class SVAConnector(Connector):
             "stride_of_vision_sampler_layers": 1,
         }
 
+    @classmethod
+    def compile_problem(cls) -> str | None:
+        if _torch_release() >= (2, 13):
+            return None
+        return (
+            f"torch.compile of the SVA connector returns wrong gradients with padding masks on torch "
+            f"{torch.__version__} (measured on 2.11: the window towers' projections and window position embeddings "
+            "off by 0.5-15 %; right on 2.13 and 2.14); upgrade torch to >= 2.13 or train without compiling it"
+        )
+
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """``nn.Module.compile`` for the connector's forward and for each in-LLM sampler (``llm_sample`` calls
-        them directly, not through ``forward``)."""
+        them directly, not through ``forward``). Refused on a torch whose compiled gradients are wrong."""
+        problem = self.compile_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
         super().compile(*args, **kwargs)
         for sampler in getattr(self, "vision_sampler_layers", ()):
             sampler.compile(*args, **kwargs)
