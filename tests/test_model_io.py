@@ -297,3 +297,14 @@ def test_components_given_as_classes_are_saved_by_their_registered_names(tmp_pat
     saved = read_config(folder)
     assert saved["vision_tower_aux_list"][0]["type"] == "clip" and saved["connector"]["type"] == "mlp2x_gelu"
     assert_same_state(model, load_model(folder))
+
+
+@pytest.mark.parametrize(
+    "command", [["infer"], ["eval", "jsonl"], ["demo"], ["serve", "worker"], ["serve", "api"]]
+)
+def test_every_model_loader_takes_tower_paths_for_cambrian1_folders(command, capsys):
+    """A Cambrian-1 folder needs ``--tower-path NAME=DIR`` for its towers, wherever a model is loaded."""
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "--tower-path NAME=DIR" in capsys.readouterr().out

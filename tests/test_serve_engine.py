@@ -379,3 +379,19 @@ def test_engine_on_cuda_batches_like_solo_runs(tmp_path, dtype):
     finally:
         solo.shutdown()
         many.shutdown()
+
+
+def test_dicom_without_its_preamble_and_images_past_pillows_bomb_limit(monkeypatch):
+    from PIL import Image as PILImage
+
+    full = Path(ct_small()).read_bytes()
+    bare = full[132:]  # no 128-byte preamble, no "DICM": what some writers produce
+    assert sniff_kind(bare) == "dicom"
+    assert np.array_equal(np.asarray(image_from_bytes(bare)), np.asarray(image_from_bytes(full)))
+    assert sniff_kind(b"\x00" * 400) is None
+    # the request's pixel limit decides, not Pillow's global ~89.5 MP decompression-bomb limit
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    assert image_from_bytes(png_bytes(100, 100), "images[0]").size == (100, 100)
+    with pytest.raises(RequestError, match=r"images\[0\] is 100x100 = 0\.0 megapixels"):
+        image_from_bytes(png_bytes(100, 100), "images[0]", ImageLimits(max_pixels=5000))
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # restored

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cambrian_core.cli.argtypes import nonneg_int, positive_int
+from cambrian_core.serve.flags import placement_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt", default="short", help="question prompt style[.version]: short (default) or plain"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    placement_arguments(p)  # --device, --dtype, --tower-path
     p.add_argument("--layout", help="vqa_rad: osf, mevf or auto")
     p.add_argument("--image-dir", help="pmc_vqa / jsonl: image folder, if not the default")
     p.add_argument("--metrics", help="comma-separated metric names (default: all that apply)")
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         from cambrian_core.serve.engine import InferenceEngine
         from cambrian_core.serve.loading import load_for_serving
 
-        model = load_for_serving(args.model, args.device, args.dtype)
+        model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
         engine = InferenceEngine(
             model, name=name, max_batch_size=args.batch_size, batch_wait=0.01, max_queue=4096
         )

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class ScanOptions:
         return {**out, **self.extra}
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
 def sniff_kind(data: bytes) -> str | None:
     """``"dicom"``, ``"nifti"`` (plain or gzipped), ``"raster"`` (anything Pillow recognises) or ``None``."""
     if len(data) >= 132 and data[128:132] == b"DICM":
@@ -114,10 +118,32 @@ def sniff_kind(data: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            Image.open(io.BytesIO(data))
+            _open_raster(data)
     except Exception:
-        return None
+        return "dicom" if _headerless_dicom(data) else None
     return "raster"
+
+
+def _open_raster(data: bytes) -> Image.Image:
+    """``Image.open`` (header only) without Pillow's global ~89.5 MP bomb limit: the caller's
+    ``ImageLimits.max_pixels`` replaces it."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _headerless_dicom(data: bytes) -> bool:
+    """Whether ``data`` is DICOM written without the 128-byte preamble (the test ``medimage`` applies)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception:
+        return False
+    return "SOPClassUID" in ds and "Rows" in ds
 
 
 def decode_base64(text: str, what: str = "image") -> bytes:
@@ -227,11 +253,9 @@ def image_from_bytes(
         )
     if kind == "raster":
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                _check_pixels(*img.size, what, limits)
-                img.load()
+            img = _open_raster(data)
+            _check_pixels(*img.size, what, limits)
+            img.load()
         except RequestError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
