@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 from serve_helpers import ct_small, png_bytes, save_tiny_model
 
@@ -316,3 +317,14 @@ def test_a_cambrian1_folder_is_imported_on_the_fly_and_served(tmp_path, monkeypa
     ]
     assert main([*args, *[x for f in flags for x in ("--tower-path", f)]]) == 0  # the cached import is reused
     assert capsys.readouterr().out.endswith(expected + "\n")  # after any library log lines
+    assert len(list((tmp_path / "cache" / "imported").iterdir())) == 1  # reused, not imported again
+    # new weights written into the same folder are imported again, not served from the stale import
+    import shutil
+
+    shutil.rmtree(src)
+    retrained = H.make(H.sva_config(), seed=1)
+    H.write_cambrian1(retrained, src, names)
+    again = load_for_serving(str(src), "cpu", tower_paths=flags)
+    assert torch.equal(again.image_newline, retrained.image_newline)
+    assert not torch.equal(again.image_newline, original.image_newline)
+    assert len(list((tmp_path / "cache" / "imported").iterdir())) == 2

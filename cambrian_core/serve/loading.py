@@ -114,8 +114,15 @@ def _import_cambrian1(folder: Path, tower_paths: dict[str, str]) -> Path:
         ) from None
     from cambrian_core.model.checkpoints import cache_dir
 
+    # the files' names, sizes and times are part of the key: weights rewritten in place are imported again
     key = hashlib.sha256(
-        json.dumps([str(folder.resolve()), sorted(tower_paths.items())]).encode()
+        json.dumps(
+            [
+                str(folder.resolve()),
+                sorted(tower_paths.items()),
+                _fingerprint([folder, *map(Path, tower_paths.values())]),
+            ]
+        ).encode()
     ).hexdigest()
     dst = cache_dir() / "imported" / f"{folder.name}-{key[:16]}"
     if not (dst / "cambrian_config.json").is_file():
@@ -123,11 +130,27 @@ def _import_cambrian1(folder: Path, tower_paths: dict[str, str]) -> Path:
         try:
             exporter.import_cambrian1(str(folder), str(dst), tower_paths, overwrite=True)
         except (ValueError, FileNotFoundError) as exc:
+            hint = (
+                ". Cambrian-1 folders hold no vision-tower weights: give each tower's local weights with "
+                "--tower-path NAME=DIR"
+                if "tower" in str(exc).lower()
+                else ""
+            )
             raise ValueError(
-                f"{folder} is a Cambrian-1 folder and could not be imported: {exc}. Cambrian-1 folders hold no "
-                "vision-tower weights: give each tower's local weights with --tower-path NAME=DIR"
+                f"{folder} is a Cambrian-1 folder and could not be imported: {exc}{hint}"
             ) from exc
     return dst
+
+
+def _fingerprint(folders: Sequence[Path]) -> list[list[Any]]:
+    """``[relative path, size, mtime_ns]`` of every file below ``folders`` (stat only, nothing is read)."""
+    out = []
+    for k, root in enumerate(folders):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            out.append([k, str(f.relative_to(root)) if f != root else f.name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 def load_for_serving(
