@@ -25,7 +25,7 @@ class AssetError(RuntimeError):
 
 def cache_dir(*parts: str) -> Path:
     """``$CAMBRIAN_CACHE`` (default ``~/.cache/cambrian``) joined with ``parts``, created."""
-    root = Path(os.environ.get("CAMBRIAN_CACHE", Path.home() / ".cache" / "cambrian"))
+    root = Path(os.environ.get("CAMBRIAN_CACHE") or Path.home() / ".cache" / "cambrian").expanduser()
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -492,3 +492,21 @@ def test_compiling_sva_on_a_torch_with_wrong_compiled_gradients_is_a_config_erro
             )
         )
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_load_from_takes_a_registered_checkpoint_name(records: Path, tmp_path: Path) -> None:
+    from cambrian_core.model.checkpoints import NamedCheckpoint
+    from cambrian_core.registry import CHECKPOINTS
+
+    base = build(MODELS, tiny_model_cfg())
+    folder = base.save_pretrained(str(tmp_path / "saved"))
+    name = "test-load-from-name"
+    CHECKPOINTS.register_module(name=name, module=lambda: NamedCheckpoint(name=name, folder=folder), force=True)
+    try:
+        run(train_cfg(records, tmp_path / "w", load_from=name, schedule={"max_steps": 1}))
+        log = (tmp_path / "w" / "train.log").read_text()
+        assert f"tensors from {folder}" in log
+        with pytest.raises(ConfigError, match=r"load_from: no-such-name is neither a folder nor a registered"):
+            run(train_cfg(records, tmp_path / "w2", load_from="no-such-name", schedule={"max_steps": 1}))
+    finally:
+        CHECKPOINTS._module_dict.pop(name, None)

@@ -158,6 +158,13 @@ def test_manager_completeness_pruning_and_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         m.resolve(tmp_path / "empty")
+    # a damaged checkpoint asked for by path: the error names the file and the checkpoint to use instead
+    with pytest.raises(CheckpointError) as err:
+        m.resolve(tmp_path / "step_00000003")
+    assert "(w.bin has 1 bytes where COMPLETE says 3 (damaged or cut short))" in str(err.value)
+    assert f"--resume {tmp_path / 'step_00000002'} (or --resume auto)" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"no COMPLETE marker .* this run has no complete checkpoint"):
+        CheckpointManager(tmp_path / "none").resolve(tmp_path / "empty")
 
 
 def _train_rows(work: Path) -> list[dict]:

@@ -31,7 +31,7 @@ __all__ = [
 
 def cache_dir() -> Path:
     """Where built or downloaded checkpoints live: ``$CAMBRIAN_CACHE`` or ``~/.cache/cambrian``."""
-    return Path(os.environ.get("CAMBRIAN_CACHE") or Path.home() / ".cache" / "cambrian")
+    return Path(os.environ.get("CAMBRIAN_CACHE") or Path.home() / ".cache" / "cambrian").expanduser()
 
 
 def _offline() -> bool:

@@ -45,17 +45,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (incomplete, missing, or from another run)."""
 
 
-def is_complete(folder: str | os.PathLike) -> bool:
-    """``True`` when ``folder`` is a finished checkpoint: ``COMPLETE`` present and every listed file intact."""
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a finished checkpoint (``None``: ``COMPLETE`` present, every listed file intact)."""
     folder = Path(folder)
     marker = folder / COMPLETE
     if not marker.is_file():
-        return False
+        return f"no {COMPLETE} marker (a save that was interrupted leaves such folders)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, OSError):
-        return False
-    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files.items())
+    except (ValueError, KeyError, OSError, TypeError):
+        return f"its {COMPLETE} marker is unreadable"
+    for f, n in files.items():
+        path = folder / f
+        if not path.is_file():
+            return f"{f} is missing ({COMPLETE} lists it)"
+        size = path.stat().st_size
+        if size != n:
+            return f"{f} has {size} bytes where {COMPLETE} says {n} (damaged or cut short)"
+    return None
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """``True`` when ``folder`` is a finished checkpoint: ``COMPLETE`` present and every listed file intact."""
+    return incomplete_reason(folder) is None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -181,12 +193,18 @@ class CheckpointManager:
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"--resume {path}: no such folder")
-        if is_complete(path):
+        reason = incomplete_reason(path)
+        if reason is None:
             return path
         inner = CheckpointManager(path).latest() or CheckpointManager(path / "checkpoints").latest()
         if inner is None:
+            newest = self.latest()
+            advice = (
+                f"--resume {newest} (or --resume auto) takes the newest complete one"
+                if newest is not None
+                else "this run has no complete checkpoint: without --resume it starts from step 0"
+            )
             raise CheckpointError(
-                f"--resume {path}: not a complete checkpoint (no valid {COMPLETE} marker) and it holds none; "
-                f"a save that was interrupted leaves such folders; use --resume auto to take the newest complete one"
+                f"--resume {path}: not a complete checkpoint ({reason}) and it holds none; {advice}"
             )
         return inner

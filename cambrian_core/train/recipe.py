@@ -38,7 +38,7 @@ from cambrian_core.config.schema import (
     ScheduleSection,
 )
 from cambrian_core.model.encoder import StagedTokens
-from cambrian_core.registry import MODELS, RUNNERS, build
+from cambrian_core.registry import CHECKPOINTS, MODELS, RUNNERS, build
 from cambrian_core.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from cambrian_core.train.collate import Collator
 from cambrian_core.train.data import (
@@ -269,11 +269,12 @@ class TrainRecipe:
         if self.sched.epochs < 1 and self.sched.max_steps <= 0:
             problems.append(Problem("schedule", "set schedule.epochs >= 1 or schedule.max_steps > 0"))
         load_from = self.cfg.get("load_from")
-        if load_from and not Path(load_from).exists():
+        if load_from and not Path(load_from).exists() and str(load_from) not in CHECKPOINTS:
             problems.append(
                 Problem(
                     "load_from",
-                    f"{load_from} does not exist (train the previous stage first, or fix the path)",
+                    f"{load_from} is neither a folder nor a registered checkpoint name (train the previous "
+                    "stage first, or fix the path; `cambrian models list` shows the names)",
                 )
             )
         stage = self.cfg.get("stage")
@@ -370,7 +371,12 @@ class TrainRecipe:
         model = build(MODELS, self.cfg.model)
         load_from = self.cfg.get("load_from")
         if load_from:
-            self._load_from(model, Path(load_from))
+            path = Path(load_from)
+            if not path.exists():  # a registered checkpoint name (checked above)
+                from cambrian_core.model.checkpoints import resolve_folder
+
+                path = resolve_folder(str(load_from))
+            self._load_from(model, path)
         stage = self.cfg.get("stage") or model.stage
         if stage != model.stage:
             self.announce(f"setup: stage `{stage}` (freezing)")
