@@ -205,3 +205,33 @@ def test_the_checked_names_are_the_ones_training_uses() -> None:
     assert set(OPTIMIZERS) == set(_OPTIMIZERS) and set(PRECISIONS) == set(RUNNER_PRECISIONS)
     for kind in SCHEDULERS:
         assert 0.0 <= lr_lambda(5, 10, 1, kind) <= 1.0
+
+
+def test_a_syntax_error_in_a_base_file_names_that_file(tmp_path) -> None:
+    (tmp_path / "bad.py").write_text("seed = 1\n\n\n\nx = (\n")
+    (tmp_path / "leaf.py").write_text("_base_ = ['./bad.py']\nwork_dir = 'w'\n")
+    with pytest.raises(ConfigError, match=r"bad\.py:5: Python syntax error: '\(' was never closed") as err:
+        load_config(tmp_path / "leaf.py")
+    assert "leaf.py:5" not in str(err.value)
+
+
+def test_a_bool_is_not_an_int_in_top_level_keys() -> None:
+    from cambrian_core.config.schema import validate_tree
+
+    assert [(p.key, p.message) for p in validate_tree({"seed": True})] == [("seed", "expected int, got True")]
+    assert not validate_tree({"seed": 3, "resume": True, "load_from": None})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plugins", "list", "--kind", "bogus"], "error: unknown kind `bogus`; kinds: encoders"),
+        (["convert", "pmc_oa", "--src", ".", "--out", "x", "--opt", "foo"], "error: --opt expects KEY=VALUE"),
+    ],
+)
+def test_usage_errors_exit_2_with_the_message(argv, message, capsys) -> None:
+    from cambrian_core.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err

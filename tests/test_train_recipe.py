@@ -501,12 +501,16 @@ def test_load_from_takes_a_registered_checkpoint_name(records: Path, tmp_path: P
     base = build(MODELS, tiny_model_cfg())
     folder = base.save_pretrained(str(tmp_path / "saved"))
     name = "test-load-from-name"
-    CHECKPOINTS.register_module(name=name, module=lambda: NamedCheckpoint(name=name, folder=folder), force=True)
+    CHECKPOINTS.register_module(
+        name=name, module=lambda: NamedCheckpoint(name=name, folder=folder), force=True
+    )
     try:
         run(train_cfg(records, tmp_path / "w", load_from=name, schedule={"max_steps": 1}))
         log = (tmp_path / "w" / "train.log").read_text()
         assert f"tensors from {folder}" in log
-        with pytest.raises(ConfigError, match=r"load_from: no-such-name is neither a folder nor a registered"):
+        with pytest.raises(
+            ConfigError, match=r"load_from: no-such-name is neither a folder nor a registered"
+        ):
             run(train_cfg(records, tmp_path / "w2", load_from="no-such-name", schedule={"max_steps": 1}))
     finally:
         CHECKPOINTS._module_dict.pop(name, None)

@@ -54,7 +54,8 @@ def parse_kv(items: list[str], flag: str) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+            print(f"error: {flag} expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            raise SystemExit(2)  # a usage error, as everywhere else
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

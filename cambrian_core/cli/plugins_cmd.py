@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,8 @@ def collect(kind: str | None = None) -> dict[str, list[dict[str, str]]]:
     from cambrian_core.registry import REGISTRIES
 
     if kind is not None and kind not in REGISTRIES:
-        raise SystemExit(f"unknown kind `{kind}`; kinds: {', '.join(REGISTRIES)}")
+        print(f"error: unknown kind `{kind}`; kinds: {', '.join(REGISTRIES)}", file=sys.stderr)
+        raise SystemExit(2)  # a usage error, as everywhere else
     out = {}
     for k, reg in REGISTRIES.items():
         if kind is None or k == kind:

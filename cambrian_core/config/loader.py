@@ -141,6 +141,35 @@ def _unreadable(filename: str, message: str, where: str | None = None) -> Config
     return ConfigError([Problem("", message, where or filename)], filename)
 
 
+def _syntax_culprit(filename: str, exc: SyntaxError) -> str:
+    """The file a nameless ``SyntaxError`` came from: mmengine parses ``_base_`` files without naming them, so
+    the first of the config and its (local) bases that does not parse, else ``filename``."""
+    import ast
+
+    todo, seen = [Path(filename)], set()
+    while todo:
+        path = todo.pop(0)
+        if path in seen or path.suffix != ".py" or not path.is_file():
+            continue
+        seen.add(path)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        except SyntaxError as err:
+            if (err.msg, err.lineno) == (exc.msg, exc.lineno):
+                return str(path)
+            continue
+        for node in tree.body:  # _base_ = "x.py" or ["x.py", ...], relative to this file
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_base_" for t in node.targets):
+                try:
+                    bases = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                for base in [bases] if isinstance(bases, str) else list(bases):
+                    if isinstance(base, str) and "::" not in base:
+                        todo.append((path.parent / base).resolve())
+    return filename
+
+
 def _read(filename: str) -> Config:
     """``Config.fromfile`` with every way a config file (or one of its ``_base_`` files) can be unreadable turned into
     a :class:`ConfigError` naming the file (and line) instead of a traceback."""
@@ -152,7 +181,9 @@ def _read(filename: str) -> Config:
     except ConfigError:
         raise
     except SyntaxError as exc:
-        where = exc.filename if exc.filename and exc.filename != "<unknown>" else filename
+        where = (
+            exc.filename if exc.filename and exc.filename != "<unknown>" else _syntax_culprit(filename, exc)
+        )
         raise _unreadable(filename, f"Python syntax error: {exc.msg}", f"{where}:{exc.lineno}") from None
     except FileNotFoundError as exc:
         missing = exc.filename or str(exc)

@@ -428,6 +428,6 @@ def validate_tree(cfg: Mapping[str, Any]) -> list[Problem]:
         elif dataclasses.is_dataclass(spec):
             if value is not None or key not in OPTIONAL_SECTIONS:
                 out += _check_dataclass(spec, value, key)
-        elif not isinstance(value, spec):
+        elif not any(_type_ok(value, t) for t in (spec if isinstance(spec, tuple) else (spec,))):
             out.append(Problem(key, f"expected {getattr(spec, '__name__', spec)}, got {value!r}"))
     return out
