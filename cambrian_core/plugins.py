@@ -163,7 +163,9 @@ def _strict_default() -> bool:
 
 
 def record_failure(failure: PluginFailure) -> None:
-    """Add ``failure`` to the report of this process's plugins (and log it)."""
+    """Add ``failure`` to the report of this process's plugins (and log it), once."""
+    if any(str(f) == str(failure) for f in _state["failures"]):
+        return  # a hook called again (config folders are asked for by every config load)
     _state["failures"].append(failure)
     log.warning("%s (the other plugins are loaded; pass --strict to make this fatal)", failure)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from cambrian_plugins.llms._tiny_tokenizer import tiny_tokenizer
 from cambrian_plugins.llms.hermes_yi import HermesYiLM
 from cambrian_plugins.llms.llama3 import Llama3LM
 from cambrian_plugins.llms.smollm2 import SmolLM2
@@ -35,10 +36,12 @@ SH, EH = "<|start_header_id|>", "<|end_header_id|>"
 
 @pytest.fixture(scope="module")
 def toks():
-    """Each family's tiny tokenizer: llama3 and vicuna add BOS, hermes_yi does not."""
+    """Each family's tiny tokenizer: llama3 and vicuna add BOS, hermes_yi does not. The golden tables decode
+    runs of tokens exactly, so vicuna's is byte-level here; its SentencePiece-style tokenizer (spaces merged
+    into the next word) is checked in ``test_sentencepiece_conversations_tokenise_as_the_whole_text``."""
     return {
         "llama3": Llama3LM.tiny_tokenizer(),
-        "vicuna": VicunaLM.tiny_tokenizer(),
+        "vicuna": tiny_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", unk="<unk>", add_bos=True),
         "hermes_yi": HermesYiLM.tiny_tokenizer(),
         "smollm2": SmolLM2.tiny_tokenizer(),
     }
@@ -272,11 +275,13 @@ def test_hf_chat_eos_closed_template_and_bos_once(toks):
     assert hf.end_marker == "</s>"
     tc = tokenize_conversation(tok, hf, CONV)
     assert tc.input_ids[0] == tok.bos_token_id and tc.input_ids[1] != tok.bos_token_id
+    # the text is tokenised as a whole: the space after [/INST] joins the reply's first word (" No"), as it
+    # does when the whole conversation is tokenised by Hugging Face or upstream LLaVA
     assert runs(tok, tc) == [
-        (f"<s>[INST] {U1} [/INST] ", False),
-        (f"{A1}</s>", True),
-        (f"[INST] {U2} [/INST] ", False),
-        (f"{A2}</s>", True),
+        (f"<s>[INST] {U1} [/INST]", False),
+        (f" {A1}</s>", True),
+        (f"[INST] {U2} [/INST]", False),
+        (f" {A2}</s>", True),
     ]
 
 
@@ -443,3 +448,28 @@ def test_truncation_messages(toks):
     with pytest.raises(MaskingError, match="prompt needs more than max_length"):
         tokenize_conversation(tok, tmpl, CONV[:1], add_generation_prompt=True, max_length=4)
     assert tokenize_conversation(tok, tmpl, CONV, max_length=len(full)) == full
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_sentencepiece_conversations_tokenise_as_the_whole_text(compat):
+    """With a LLaMA-2 style tokenizer (a "▁" word-start marker prepended to each text it is given), the ids are
+    those of the rendered text tokenised as a whole between images (upstream's ``tokenizer_image_token``): no
+    extra "▁" after each ``</s>`` (what tokenising segment by segment gave), and the trained tokens are the
+    replies and their ``</s>``; a prompt for generation is the same ids up to the reply."""
+    tok = VicunaLM.tiny_tokenizer()
+    tpl = template("vicuna_v1", cambrian1_compat=compat)
+    tc = tokenize_conversation(tok, tpl, CONV, num_images=1)
+    text = tpl.render_text(CONV, False)
+    before, after = text.split("<image>")
+    bos = [tok.bos_token_id] if tc.input_ids[0] == tok.bos_token_id else []
+    whole = [*bos, *tok(before, add_special_tokens=False)["input_ids"], IMAGE_TOKEN_INDEX]
+    whole += tok(after, add_special_tokens=False)["input_ids"]
+    assert tc.input_ids == whole
+    names = tok.convert_ids_to_tokens([t for t in tc.input_ids if t >= 0])
+    eos_at = [i for i, n in enumerate(names) if n == "</s>"]
+    assert eos_at and all(names[i + 1] != "▁" for i in eos_at if i + 1 < len(names))
+    trained = [t for t in tc.labels if t != IGNORE_INDEX]
+    assert tok.decode(trained).split() == f"{A1}</s> {A2}</s>".split()
+    prompt = tokenize_conversation(tok, tpl, [CONV[0]], add_generation_prompt=True, num_images=1)
+    assert tc.input_ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert tc.labels[len(prompt.input_ids)] != IGNORE_INDEX  # the reply starts right after the prompt

@@ -1,9 +1,10 @@
 """Conversation tokenisation with exact target masking, shared by training and inference.
 
-A chat template renders a conversation as ``Segment`` s; each segment is tokenised on its own (no special
-tokens), ``<image>`` markers become one ``IMAGE_TOKEN_INDEX`` sentinel each (the model expands a sentinel
-into its image tokens later), and the labels are the ids of the segments that train (assistant replies and
-their end token) and ``IGNORE_INDEX`` everywhere else. A conversation whose masking cannot be computed
+A chat template renders a conversation as ``Segment`` s; the text between ``<image>`` markers is tokenised as
+a whole (no special tokens added; as upstream LLaVA does), each marker becomes one ``IMAGE_TOKEN_INDEX``
+sentinel (the model expands a sentinel into its image tokens later), and the labels are the ids of the tokens
+that cover characters of the segments that train (assistant replies and their end token), ``IGNORE_INDEX``
+everywhere else. A conversation whose masking cannot be computed
 raises ``MaskingError`` with the reason: training reports and skips such a sample, it never masks it
 silently or replaces it by another one.
 """
@@ -178,33 +179,41 @@ def tokenize_conversation(
     except ValueError as exc:
         raise MaskingError(f"template `{template.name}` cannot render this conversation: {exc}") from exc
 
-    # one batched tokeniser call for every text piece between image markers
-    pieces: list[tuple[str, bool]] = []  # (text, train); "" + False stands for an image sentinel
+    # the text between image markers is tokenised as a whole (as upstream's ``tokenizer_image_token`` does):
+    # segment by segment, a SentencePiece tokenizer would put a word-start marker at every segment start
+    # (e.g. after each ``</s>``) that the whole text does not have. Labels follow the characters each token
+    # covers: a token is trained when it covers a character of a trainable segment.
+    chunks: list[tuple[str, list[tuple[int, int]]] | None] = [("", [])]  # None stands for an image
     for seg in segments:
         parts = seg.text.split(IMAGE_TOKEN)
         if len(parts) > 1 and seg.train:
             raise MaskingError(f"template `{template.name}` put {IMAGE_TOKEN} inside a trainable segment")
         for k, part in enumerate(parts):
             if k:
-                pieces.append((IMAGE_TOKEN, False))
-            if part:
-                pieces.append((part, seg.train))
-    texts = [p for p, _ in pieces if p != IMAGE_TOKEN]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+                chunks += [None, ("", [])]
+            text, spans = chunks[-1]
+            if part and seg.train:
+                spans.append((len(text), len(text) + len(part)))
+            chunks[-1] = (text + part, spans)
+    texts = [c[0] for c in chunks if c is not None and c[0]]
+    encoded = iter(_encode_with_offsets(tokenizer, texts))
 
     input_ids: list[int] = []
     labels: list[int] = []
     if template.add_bos and tokenizer_adds_bos(tokenizer):
         input_ids.append(int(tokenizer.bos_token_id))
         labels.append(IGNORE_INDEX)
-    for text, train in pieces:
-        if text == IMAGE_TOKEN:
+    for chunk in chunks:
+        if chunk is None:
             input_ids.append(IMAGE_TOKEN_INDEX)
             labels.append(IGNORE_INDEX)
             continue
-        ids = [int(t) for t in next(encoded)]
+        text, spans = chunk
+        if not text:
+            continue
+        ids, offsets = next(encoded)
         input_ids += ids
-        labels += ids if train else [IGNORE_INDEX] * len(ids)
+        labels += [t if _covers(spans, o) else IGNORE_INDEX for t, o in zip(ids, offsets, strict=True)]
 
     rendered_images = input_ids.count(IMAGE_TOKEN_INDEX)
     if rendered_images != given:
@@ -216,6 +225,32 @@ def tokenize_conversation(
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         raise MaskingError("no trainable token: every assistant reply is empty")
     return TokenizedConversation(input_ids=input_ids, labels=labels, num_images=given)
+
+
+def _covers(spans: list[tuple[int, int]], offset: tuple[int, int]) -> bool:
+    """Whether a token covering characters ``offset`` (start, end) covers a character of one of ``spans``."""
+    s, e = offset
+    if e <= s:  # a token that covers no character (an inserted word-start marker): where it stands
+        return any(a <= s < b for a, b in spans)
+    return any(s < b and e > a for a, b in spans)
+
+
+def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text (no special tokens added), in one batched call."""
+    if not texts:
+        return []
+    try:
+        out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = out["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError) as exc:
+        raise MaskingError(
+            f"the tokenizer {type(tokenizer).__name__} gives no character offsets ({exc}); cambrian needs a fast "
+            "(Rust `tokenizers`) tokenizer to mask targets exactly"
+        ) from None
+    return [
+        ([int(t) for t in ids], [(int(a), int(b)) for a, b in offs])
+        for ids, offs in zip(out["input_ids"], offsets, strict=True)
+    ]
 
 
 def _truncate(

@@ -17,7 +17,9 @@ class VicunaLM(HFCausalLM):
 
     @classmethod
     def tiny_tokenizer(cls) -> Any:
-        return tiny_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", unk="<unk>", add_bos=True)
+        return tiny_tokenizer(
+            ["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", unk="<unk>", add_bos=True, style="sentencepiece"
+        )
 
     @classmethod
     def setup_pad_token(cls, tokenizer: Any) -> None:
