@@ -88,9 +88,7 @@ def test_two_process_fsdp_trains_sva_like_one_process(tmp_path: Path) -> None:
         "checkpoint": {"interval": 100, "export": False},
         "model": tiny_model_cfg(connector="sva"),
     }
-    single = run(
-        train_cfg(records, tmp_path / "single", data={"batch_size": 4, "val_fraction": 0.25}, **over)
-    )
+    single = run(train_cfg(records, tmp_path / "single", data={"batch_size": 4}, **over))
     cfg = train_cfg(
         records, tmp_path / "fsdp", runner={"type": "fsdp", "device": "cpu"}, data={"batch_size": 2}, **over
     )
