@@ -275,13 +275,12 @@ def test_hf_chat_eos_closed_template_and_bos_once(toks):
     assert hf.end_marker == "</s>"
     tc = tokenize_conversation(tok, hf, CONV)
     assert tc.input_ids[0] == tok.bos_token_id and tc.input_ids[1] != tok.bos_token_id
-    # the text is tokenised as a whole: the space after [/INST] joins the reply's first word (" No"), as it
-    # does when the whole conversation is tokenised by Hugging Face or upstream LLaVA
+    # a token across the reply's start (" No") is cut there: the prompt "... [/INST] " stays a prefix
     assert runs(tok, tc) == [
-        (f"<s>[INST] {U1} [/INST]", False),
-        (f" {A1}</s>", True),
-        (f"[INST] {U2} [/INST]", False),
-        (f" {A2}</s>", True),
+        (f"<s>[INST] {U1} [/INST] ", False),
+        (f"{A1}</s>", True),
+        (f"[INST] {U2} [/INST] ", False),
+        (f"{A2}</s>", True),
     ]
 
 
@@ -473,3 +472,33 @@ def test_sentencepiece_conversations_tokenise_as_the_whole_text(compat):
     prompt = tokenize_conversation(tok, tpl, [CONV[0]], add_generation_prompt=True, num_images=1)
     assert tc.input_ids[: len(prompt.input_ids)] == prompt.input_ids
     assert tc.labels[len(prompt.input_ids)] != IGNORE_INDEX  # the reply starts right after the prompt
+
+
+def test_a_token_across_a_reply_start_is_cut_so_the_prompt_stays_a_prefix():
+    """Byte-level BPE may merge a header's "\\n" with a reply's leading space ("ĊĠ", as SmolLM2's real vocabulary
+    does): the text is then cut at the reply's start, so the header is not trained and the generation prompt is
+    a prefix of the training ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(["assistant\n  - effusion\n  - mass"] * 50, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    assert "ĊĠ" in tok.get_vocab()  # the merge that crosses the boundary
+    tpl = template("chatml_direct")
+    msgs = [Message("user", "<image>\nWhat is shown?"), Message("assistant", "  - effusion")]
+    tc = tokenize_conversation(tok, tpl, msgs, num_images=1)
+    prompt = tokenize_conversation(tok, tpl, msgs[:1], add_generation_prompt=True, num_images=1)
+    n = len(prompt.input_ids)
+    assert tc.input_ids[:n] == prompt.input_ids
+    assert all(label == IGNORE_INDEX for label in tc.labels[:n]) and tc.labels[n] != IGNORE_INDEX
+    assert tok.decode([t for t in tc.labels if t != IGNORE_INDEX]) == "  - effusion<|im_end|>"

@@ -514,3 +514,87 @@ def test_load_from_takes_a_registered_checkpoint_name(records: Path, tmp_path: P
             run(train_cfg(records, tmp_path / "w2", load_from="no-such-name", schedule={"max_steps": 1}))
     finally:
         CHECKPOINTS._module_dict.pop(name, None)
+
+
+def test_a_rank_whose_held_out_share_was_skipped_runs_the_same_modality_as_the_others() -> None:
+    """Two ranks in lock-step over a held-out split of 4 image and 2 text samples, text sample 5 unusable: the
+    rank left without a sample runs a usable sample of the *same* modality (a sharded runner gathers the
+    towers' weights only for image batches) and does not count it; every usable sample is counted once."""
+    import types
+
+    import numpy as np
+
+    from cambrian_core.train.data import Skipped
+    from cambrian_core.train.recipe import TrainRecipe
+
+    has_image = np.array([True] * 4 + [False] * 2)
+    unusable = {5}
+
+    class ValSet:
+        lengths = np.full(6, 10)
+
+        def __init__(self) -> None:
+            self.has_image = has_image
+
+        def has_image_at(self, i: int) -> bool:
+            return bool(has_image[i])
+
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int):
+            return Skipped(i, "image") if i in unusable else {"index": i}
+
+    def collate(items):
+        ok = [x for x in items if not isinstance(x, Skipped)]
+        batch = {"skipped": [x for x in items if isinstance(x, Skipped)], "num_samples": len(ok)}
+        if ok:
+            idx = [x["index"] for x in ok]
+            batch.update(indices=idx, image=bool(has_image[idx[0]]), num_target_tokens=len(idx))
+        return batch
+
+    def run(rank: int) -> tuple[list, float]:
+        fed = []
+
+        class Runner:
+            world_size, is_main = 2, rank == 0
+
+            def __init__(self) -> None:
+                self.rank = rank
+                self.model = types.SimpleNamespace(eval=lambda: None, train=lambda: None)
+
+            def forward(self, batch):
+                fed.append(("image" if batch["image"] else "text", batch["indices"]))
+                return torch.tensor(float(sum(batch["indices"])))
+
+            def all_reduce(self, t, op="sum"):
+                return t
+
+        logged = {}
+        stub = types.SimpleNamespace(
+            runner=Runner(),
+            val_set=ValSet(),
+            collate=collate,
+            data=types.SimpleNamespace(batch_size=1),
+            sched=types.SimpleNamespace(eval_max_batches=0),
+            skips=types.SimpleNamespace(add=lambda s: None),
+            _loader=lambda dataset, plan: (collate([dataset[i] for i in idx]) for idx in plan),
+            step=0,
+            history=[],
+            logger=types.SimpleNamespace(
+                log=lambda step, values, split: logged.update(values), message=print
+            ),
+            _evaluate_vqa=lambda: None,
+        )
+        stub._stand_in = types.MethodType(TrainRecipe._stand_in, stub)
+        TrainRecipe.evaluate(stub)
+        return fed, logged["loss"]
+
+    (fed0, loss0), (fed1, loss1) = run(0), run(1)
+    assert [m for m, _ in fed0] == [m for m, _ in fed1] == ["image", "image", "text"], (fed0, fed1)
+    assert fed1[2] == (
+        "text",
+        [4],
+    )  # rank 1's text share (sample 5) was unusable: sample 4 stands in, uncounted
+    # each rank's counted samples (all_reduce is the identity here): rank 0 has 0, 2, 4; rank 1 has 1, 3
+    assert loss0 == pytest.approx((0 + 2 + 4) / 3) and loss1 == pytest.approx((1 + 3) / 2)

@@ -11,6 +11,7 @@ silently or replaces it by another one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,7 +183,9 @@ def tokenize_conversation(
     # the text between image markers is tokenised as a whole (as upstream's ``tokenizer_image_token`` does):
     # segment by segment, a SentencePiece tokenizer would put a word-start marker at every segment start
     # (e.g. after each ``</s>``) that the whole text does not have. Labels follow the characters each token
-    # covers: a token is trained when it covers a character of a trainable segment.
+    # covers: a token is trained when it covers a character of a trainable segment. Where one token would
+    # cover both sides of a reply's start or end (e.g. a header's "\n" merged with a reply's leading spaces),
+    # the text is cut there, so that a generation prompt stays a prefix of the training ids.
     chunks: list[tuple[str, list[tuple[int, int]]] | None] = [("", [])]  # None stands for an image
     for seg in segments:
         parts = seg.text.split(IMAGE_TOKEN)
@@ -211,9 +214,9 @@ def tokenize_conversation(
         text, spans = chunk
         if not text:
             continue
-        ids, offsets = next(encoded)
+        ids, chunk_labels = _label_chunk(tokenizer, text, spans, next(encoded))
         input_ids += ids
-        labels += [t if _covers(spans, o) else IGNORE_INDEX for t, o in zip(ids, offsets, strict=True)]
+        labels += chunk_labels
 
     rendered_images = input_ids.count(IMAGE_TOKEN_INDEX)
     if rendered_images != given:
@@ -225,6 +228,36 @@ def tokenize_conversation(
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         raise MaskingError("no trainable token: every assistant reply is empty")
     return TokenizedConversation(input_ids=input_ids, labels=labels, num_images=given)
+
+
+def _label_chunk(
+    tokenizer: Any,
+    text: str,
+    spans: list[tuple[int, int]],
+    encoded: tuple[list[int], list[tuple[int, int]]] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Ids and labels of one image-free text whose characters ``spans`` train; cut where a token would cover
+    both sides of a span's start or end, and each part tokenised on its own."""
+    ids, offsets = encoded if encoded is not None else _encode_with_offsets(tokenizer, [text])[0]
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    edges = sorted({e for span in merged for e in span if 0 < e < len(text)})
+    cuts = [e for e in edges if any(s < e < t for s, t in offsets)]
+    if not cuts:
+        return ids, [t if _covers(spans, o) else IGNORE_INDEX for t, o in zip(ids, offsets, strict=True)]
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    bounds = [0, *cuts, len(text)]
+    for lo, hi in itertools.pairwise(bounds):
+        part = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in merged if a < hi and b > lo]
+        part_ids, part_labels = _label_chunk(tokenizer, text[lo:hi], part)
+        out_ids += part_ids
+        out_labels += part_labels
+    return out_ids, out_labels
 
 
 def _covers(spans: list[tuple[int, int]], offset: tuple[int, int]) -> bool:

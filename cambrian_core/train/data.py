@@ -284,6 +284,10 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def has_image(self) -> np.ndarray:
         return self.index.num_images[self.subset] > 0
 
+    def has_image_at(self, i: int) -> bool:
+        """Whether sample ``i`` carries an image (one lookup; ``has_image`` builds the whole array)."""
+        return bool(self.index.num_images[self.subset[i]] > 0)
+
     # -------------------------------------------------------------------------------------------- reading
     def read_record(self, i: int) -> dict[str, Any]:
         """The parsed JSON object of sample ``i`` (one seek + one line read)."""

@@ -117,6 +117,13 @@ def _as_list(x: str | Sequence[str] | None) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
 
 
+def _with_images(batch: dict[str, Any], dataset: Any) -> bool:
+    """Whether a micro-batch's samples carry images (from the samples it asked for, skipped ones included):
+    global batches hold one modality, so a rank standing in for a skipped share must run that modality."""
+    asked = [*batch.get("indices", ()), *(s.index for s in batch["skipped"])]
+    return dataset.has_image_at(asked[0]) if asked else False
+
+
 class TrainRecipe:
     """A training run from a resolved config.
 
@@ -667,7 +674,7 @@ class TrainRecipe:
         if self.resume_rng is not None:
             restore_rng(self.resume_rng)  # last, so nothing in setup shifts the stream
         self.runner.model.train()
-        self.fallback: dict[str, Any] | None = None
+        self.fallback: dict[bool, dict[str, Any]] = {}  # the last usable micro-batch with / without images
         self.consumed = self.sampler.start_batch
         windows = self._windows()
         while self.step < self.total_steps:
@@ -697,11 +704,13 @@ class TrainRecipe:
         for k, batch in enumerate(window):
             weight = batch.get("num_target_tokens", 0) / total_targets if total_targets else 0.0
             if not batch["num_samples"]:  # every sample of this micro-batch was skipped
-                if self.fallback is None:
-                    if r.world_size == 1:
-                        continue
-                    raise RuntimeError("the first micro-batch of the run has no usable sample on this rank")
-                batch, weight = self.fallback, 0.0  # keeps the ranks in lock-step; adds no gradient
+                if r.world_size == 1:
+                    continue
+                images = _with_images(batch, self.train_set)
+                if images not in self.fallback:
+                    self.fallback[images] = self._stand_in(self.train_set, images, "a training micro-batch")
+                # the other ranks run the same modules on their share; this one adds no gradient
+                batch, weight = self.fallback[images], 0.0
             loss = r.forward(batch)
             if not loss.requires_grad:
                 raise RuntimeError(
@@ -714,7 +723,7 @@ class TrainRecipe:
                 check_finite(shown, self.step + 1, self.last_checkpoint, batch.get("indices"))
             r.backward(loss * weight, last_micro=k == len(window) - 1)
             if weight:
-                self.fallback = batch
+                self.fallback[_with_images(batch, self.train_set)] = batch
                 loss_sum += value * batch["num_target_tokens"]
                 tokens += batch["num_tokens"]
                 samples += batch["num_samples"]
@@ -758,6 +767,20 @@ class TrainRecipe:
             self._evaluate_vqa()
             self.last_eval_step = self.step
 
+    def _stand_in(self, dataset: Any, images: bool, what: str) -> dict[str, Any]:
+        """A one-sample batch of the given modality, run (and discarded) by a rank whose share was all skipped
+        before it had a usable batch of that modality: the first usable sample of that modality."""
+        for j in range(len(dataset)):
+            if dataset.has_image_at(j) != images:
+                continue
+            item = dataset[j]
+            if not isinstance(item, Skipped):
+                return self.collate([item])
+        raise RuntimeError(
+            f"{what} has no usable sample on rank {self.runner.rank}, and no sample "
+            f"{'with' if images else 'without'} an image is usable at all (see the skipped records in the log)"
+        )
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted loss on the held-out split (all ranks)."""
@@ -775,7 +798,7 @@ class TrainRecipe:
         # every rank runs the same number of forwards (lock-step); each held-out sample is counted once
         plan = sampler.exact_batches()
         r.model.eval()
-        loss_sum, count, fallback = 0.0, 0, None
+        loss_sum, count, fallback = 0.0, 0, {}
         loader = self._loader(self.val_set, [indices for indices, _ in plan])
         for i, ((_, counts), batch) in enumerate(zip(plan, loader, strict=True)):
             if self.sched.eval_max_batches and i >= self.sched.eval_max_batches:
@@ -786,15 +809,13 @@ class TrainRecipe:
             if not batch["num_samples"]:  # every sample of this share was skipped
                 if r.world_size == 1:
                     continue
-                if fallback is None:
-                    raise RuntimeError(
-                        f"held-out batch {i} has no usable sample on rank {r.rank} and none came before it "
-                        "(see the skipped records in the log)"
-                    )
-                batch, counts = fallback, False  # the other ranks' forward needs this rank's
+                images = _with_images(batch, self.val_set)
+                if images not in fallback:
+                    fallback[images] = self._stand_in(self.val_set, images, f"held-out batch {i}")
+                batch, counts = fallback[images], False  # the same modules as the other ranks' forward
             loss = float(r.forward(batch).float().cpu())
             if counts:
-                fallback = batch
+                fallback[_with_images(batch, self.val_set)] = batch
                 loss_sum += loss * batch["num_target_tokens"]
                 count += batch["num_target_tokens"]
         r.model.train()
