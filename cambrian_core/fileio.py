@@ -44,6 +44,28 @@ def fsync_tree(root: Path) -> dict[str, int]:
     return sizes
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(root: Path) -> None:
+    """The modes a plain ``mkdir`` / ``open`` would give (the umask applied): ``mkdtemp`` makes its folder
+    private (0700) and some writers make files 0600, which would hide a shared model folder from its group."""
+    umask = _umask()
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes ``out`` when the block succeeds.
@@ -62,6 +84,7 @@ def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Itera
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        _usual_modes(tmp)
         fsync_tree(tmp)
         backup = None
         if dest.exists():

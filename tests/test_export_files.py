@@ -227,3 +227,19 @@ def test_exports_check_the_source_folder_first(saved, tmp_path, capsys, damage, 
         err = capsys.readouterr().err
         assert err.startswith("error: ") and re.search(message, err), (command, err)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "c").exists()  # nothing written
+
+
+def test_saved_folders_get_the_modes_of_the_umask(saved, tmp_path):
+    import os
+    import stat
+
+    model, _ = saved
+    old = os.umask(0o027)
+    try:
+        folder = model.save_pretrained(str(tmp_path / "shared"))
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "shared", *(tmp_path / "shared").rglob("*")]
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()}
+    assert modes == {0o750}, folder  # mkdtemp's 0700 would hide the model from the group
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o640}

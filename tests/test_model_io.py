@@ -308,3 +308,19 @@ def test_every_model_loader_takes_tower_paths_for_cambrian1_folders(command, cap
         main([*command, "--help"])
     assert done.value.code == 0
     assert "--tower-path NAME=DIR" in capsys.readouterr().out
+
+
+def test_a_model_needing_uninstalled_parts_names_all_of_them(tmp_path):
+    from cambrian_core.registry import BuildError
+
+    folder = make(seed=14).save_pretrained(str(tmp_path / "m"))
+    meta = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    meta["model"]["vision_tower_aux_list"][0]["type"] = "tp_tower"
+    meta["model"]["connector"]["type"] = "tp_connector"
+    meta["model"]["llm"]["type"] = "tp_llm"
+    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(BuildError) as err:
+        load_model(folder)
+    text = str(err.value)
+    assert "encoder `tp_tower` (vision_tower_aux_list[0]); connector `tp_connector`; LLM `tp_llm`" in text
+    assert "cambrian plugins list" in text

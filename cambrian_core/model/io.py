@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cambrian_core.fileio import staged_folder
-from cambrian_core.registry import CONNECTORS, ENCODERS, LLMS, MODELS, build
+from cambrian_core.registry import CONNECTORS, ENCODERS, LLMS, MODELS, BuildError, build
 
 __all__ = [
     "CONFIG_NAME",
@@ -277,6 +277,28 @@ def _match_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             t.data = t.data.to(saved.dtype)
 
 
+def missing_parts(config: Mapping[str, Any]) -> list[str]:
+    """The parts a saved model config names that no registry holds, all of them (``[]``: it can be built)."""
+    from cambrian_core.model.checks import connector_config
+
+    out = []
+    for i, tower in enumerate(config.get("vision_tower_aux_list") or []):
+        name = tower.get("type") if isinstance(tower, Mapping) else None
+        if isinstance(name, str) and name not in ENCODERS:
+            out.append(f"encoder `{name}` (vision_tower_aux_list[{i}])")
+    try:
+        name = connector_config(config).get("type")
+    except ValueError:
+        name = None
+    if isinstance(name, str) and name not in CONNECTORS:
+        out.append(f"connector `{name}`")
+    llm = config.get("llm")
+    name = llm.get("type") if isinstance(llm, Mapping) else None
+    if isinstance(name, str) and name not in LLMS:
+        out.append(f"LLM `{name}`")
+    return out
+
+
 def load_model(
     path_or_name: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -298,6 +320,12 @@ def load_model(
 
     folder = resolve_folder(path_or_name)
     config = read_config(folder)
+    missing = missing_parts(config)
+    if missing:
+        raise BuildError(
+            f"{folder} needs parts that no installed plugin provides: {'; '.join(missing)}. Install the packages "
+            "that register them (`cambrian plugins list` shows what is installed and what failed to load)"
+        )
     state = load_weights(folder)
     with torch.random.fork_rng(devices=[]):  # building initialises weights randomly: keep the caller's RNG
         model = build(MODELS, config)
