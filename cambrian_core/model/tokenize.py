@@ -239,33 +239,26 @@ def _label_chunk(
     """Ids and labels of one image-free text whose characters ``spans`` train; cut where a token would cover
     both sides of a span's start or end, and each part tokenised on its own."""
     ids, offsets = encoded if encoded is not None else _encode_with_offsets(tokenizer, [text])[0]
-    merged: list[list[int]] = []
-    for a, b in sorted(spans):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    edges = sorted({e for span in merged for e in span if 0 < e < len(text)})
-    cuts = [e for e in edges if any(s < e < t for s, t in offsets)]
+    trains = bytearray(len(text) + 1)  # 1 where the character trains (one spare byte past the end)
+    for a, b in spans:
+        trains[a:b] = b"\x01" * (b - a)
+    before = list(itertools.accumulate(trains, initial=0))  # trainable characters before each position
+    labels, cuts = [], set()
+    for t, (lo, hi) in zip(ids, offsets, strict=True):
+        n = before[hi] - before[lo] if hi > lo else trains[lo]
+        if 0 < n < hi - lo:  # the token straddles a reply's start or end: cut the text there
+            cuts.update(p for p in range(lo + 1, hi) if trains[p] != trains[p - 1])
+        labels.append(t if n else IGNORE_INDEX)
     if not cuts:
-        return ids, [t if _covers(spans, o) else IGNORE_INDEX for t, o in zip(ids, offsets, strict=True)]
+        return ids, labels
     out_ids: list[int] = []
     out_labels: list[int] = []
-    bounds = [0, *cuts, len(text)]
-    for lo, hi in itertools.pairwise(bounds):
-        part = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in merged if a < hi and b > lo]
+    for lo, hi in itertools.pairwise([0, *sorted(cuts), len(text)]):
+        part = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in spans if a < hi and b > lo]
         part_ids, part_labels = _label_chunk(tokenizer, text[lo:hi], part)
         out_ids += part_ids
         out_labels += part_labels
     return out_ids, out_labels
-
-
-def _covers(spans: list[tuple[int, int]], offset: tuple[int, int]) -> bool:
-    """Whether a token covering characters ``offset`` (start, end) covers a character of one of ``spans``."""
-    s, e = offset
-    if e <= s:  # a token that covers no character (an inserted word-start marker): where it stands
-        return any(a <= s < b for a, b in spans)
-    return any(s < b and e > a for a, b in spans)
 
 
 def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
