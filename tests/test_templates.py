@@ -502,3 +502,20 @@ def test_a_token_across_a_reply_start_is_cut_so_the_prompt_stays_a_prefix():
     assert tc.input_ids[:n] == prompt.input_ids
     assert all(label == IGNORE_INDEX for label in tc.labels[:n]) and tc.labels[n] != IGNORE_INDEX
     assert tok.decode([t for t in tc.labels if t != IGNORE_INDEX]) == "  - effusion<|im_end|>"
+
+
+def test_a_tokenizer_without_character_offsets_is_named(toks):
+    class NoOffsets:
+        """A Python (slow) tokenizer: transformers raises NotImplementedError for offsets."""
+
+        bos_token_id = None
+
+        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+            if return_offsets_mapping:
+                raise NotImplementedError(
+                    "return_offset_mapping is not available when using Python tokenizers"
+                )
+            return toks["smollm2"](texts, add_special_tokens=add_special_tokens)
+
+    with pytest.raises(MaskingError, match=r"the tokenizer NoOffsets gives no character offsets .* fast"):
+        tokenize_conversation(NoOffsets(), template("chatml_direct"), CONV)

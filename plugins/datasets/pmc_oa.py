@@ -242,10 +242,11 @@ class PmcOaConverter(Converter):
             return Reject(self.name, case_id, f"{where}: modality {labels['modality']!r} is excluded")
         return Case(self.name, case_id, [ImageRef(str(image))], labels=labels, text={"caption": caption})
 
-    def _iter_pmc_clip(self) -> Iterator[Case | Reject]:
-        images, seen = self._image_dir(), {}
+    def _metafile_rows(self, needed: tuple[str, ...]) -> Iterator[Reject | tuple[str, dict[str, Any]]]:
+        """``(where, row)`` for each JSON object line of the metafiles holding the ``needed`` fields; a line
+        that is not one is a reject naming file and line."""
         for meta in self._metafiles():
-            for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 where = f"{meta.name} line {lineno}"
@@ -254,15 +255,25 @@ class PmcOaConverter(Converter):
                 except json.JSONDecodeError as exc:
                     yield Reject(self.name, f"{meta.stem}:{lineno}", f"{where}: not JSON ({exc.msg})")
                     continue
-                if not isinstance(row, dict) or not row.get("image"):
-                    yield Reject(self.name, f"{meta.stem}:{lineno}", f"{where}: no `image` field")
+                if not isinstance(row, dict) or not all(row.get(k) for k in needed):
+                    fields = " / ".join(f"`{k}`" for k in needed)
+                    yield Reject(self.name, f"{meta.stem}:{lineno}", f"{where}: no {fields} field")
                     continue
-                cid = unique_id(Path(str(row["image"])).stem, seen)
-                extra = {k: row[k] for k in ("pmcid", "url_name") if row.get(k)}
-                path = images / str(row["image"])
-                yield self._case(
-                    cid, path if path.is_file() else None, clean_text(row.get("caption")), where, extra
-                )
+                yield where, row
+
+    def _iter_pmc_clip(self) -> Iterator[Case | Reject]:
+        images, seen = self._image_dir(), {}
+        for item in self._metafile_rows(("image",)):
+            if isinstance(item, Reject):
+                yield item
+                continue
+            where, row = item
+            cid = unique_id(Path(str(row["image"])).stem, seen)
+            extra = {k: row[k] for k in ("pmcid", "url_name") if row.get(k)}
+            path = images / str(row["image"])
+            yield self._case(
+                cid, path if path.is_file() else None, clean_text(row.get("caption")), where, extra
+            )
 
     def _iter_packages(self) -> Iterator[Case | Reject]:
         seen: dict[str, int] = {}
@@ -298,25 +309,15 @@ class PmcOaConverter(Converter):
     def _mvd_selection(self) -> Iterator[Reject | tuple[str, str]]:
         """MVD's use of the PMC-OA split files: the distinct ``(pmcid, figure)`` pairs they name (``url_name``
         without its image extension: the ``image_filename`` of ``captions/<pmcid>.json``)."""
-        for meta in self._metafiles():
-            for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
-                if not line.strip():
-                    continue
-                where = f"{meta.name} line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield Reject(self.name, f"{meta.stem}:{lineno}", f"{where}: not JSON ({exc.msg})")
-                    continue
-                if not isinstance(row, dict) or not row.get("pmcid") or not row.get("url_name"):
-                    yield Reject(
-                        self.name, f"{meta.stem}:{lineno}", f"{where}: no `pmcid` / `url_name` field"
-                    )
-                    continue
-                name = Path(str(row["url_name"])).name
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    name = name[: -len(Path(name).suffix)]
-                yield str(row["pmcid"]), name
+        for item in self._metafile_rows(("pmcid", "url_name")):
+            if isinstance(item, Reject):
+                yield item
+                continue
+            _, row = item
+            name = Path(str(row["url_name"])).name
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                name = name[: -len(Path(name).suffix)]
+            yield str(row["pmcid"]), name
 
     def _iter_mvd(self) -> Iterator[Case | Reject]:
         selected: dict[str, set[str]] | None = None
