@@ -6,6 +6,7 @@ import argparse
 import importlib.machinery
 import json
 import logging
+import math
 import re
 import sys
 import types
@@ -111,7 +112,7 @@ def test_lora_finetune_trains_adapters_and_exports_merged(records: Path, tmp_pat
     assert not torch.equal(model.state_dict()[key], base.state_dict()[key])  # the adapter was merged in
 
 
-def test_qlora_off_cuda_says_what_it_needs(
+def test_qlora_without_bitsandbytes_says_how_to_install_it(
     records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = train_cfg(
@@ -123,11 +124,48 @@ def test_qlora_off_cuda_says_what_it_needs(
         schedule={"max_steps": 1},
     )
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
-    with pytest.raises(ImportError, match=r"lora.qlora=True needs bitsandbytes: pip install bitsandbytes"):
+    with pytest.raises(
+        ImportError, match=r"lora.qlora=True needs bitsandbytes: pip install 'cambrian\[quant\]'"
+    ):
         run(cfg)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))  # installed
-    with pytest.raises(RuntimeError, match=r"lora.qlora=True needs a CUDA device .* this run uses cpu"):
-        run(cfg)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_qlora_trains_adapters_over_4bit_layers(records: Path, tmp_path: Path, device: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    compute = "float32" if device == "cpu" else "bfloat16"
+
+    def train(name: str, **lora: object) -> dict:
+        return run(
+            train_cfg(
+                records,
+                tmp_path / name,
+                stage="finetune",
+                model=tiny_model_cfg(stage="finetune"),
+                runner={"type": "single", "device": device},
+                lora={"r": 4, "alpha": 8, "dropout": 0.0, "compute_dtype": compute, **lora},
+                optim={"lr": 5e-3},
+                schedule={"max_steps": 3, "precision": "fp32" if device == "cpu" else "bf16"},
+                checkpoint={"interval": 3, "export": True},
+            )
+        )
+
+    plain, quant = train("lora"), train("qlora", qlora=True)
+    log = (tmp_path / "qlora" / "train.log").read_text()
+    assert re.search(r"QLoRA: \d+ linear layers of the LLM in 4-bit NF4", log)
+    # the adapters start at zero: the first loss is the base model's, through NF4 weights
+    assert quant["losses"][0] == pytest.approx(plain["losses"][0], rel=0.05)
+    assert quant["losses"][0] != plain["losses"][0]
+    assert all(math.isfinite(x) for x in quant["losses"])
+    names = set(load_file(str(Path(quant["last_checkpoint"]) / "trainable.safetensors")))
+    llm = {n for n in names if n.startswith("llm.")}
+    assert llm and all(".lora_A." in n or ".lora_B." in n for n in llm)
+    assert any(n.startswith("connector.") for n in names)
+    adapter = tmp_path / "qlora" / "lora_adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert len(saved) == len(llm) and all("lora_" in n for n in saved)
+    assert not (tmp_path / "qlora" / "model").exists()  # a 4-bit base is not exported; the adapter is
 
 
 def _trainable(out: dict) -> dict[str, torch.Tensor]:

@@ -84,12 +84,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed as ``error: ...`` with exit status 2, no traceback."""
     from cambrian_core.config import ConfigError
     from cambrian_core.model.io import ModelFileError
+    from cambrian_core.model.quantize import MissingPackageError
     from cambrian_core.registry import BuildError
     from cambrian_core.train.checkpoint import CheckpointError
     from cambrian_core.train.feature_cache import StaleCacheError
 
     files = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-    return (ConfigError, BuildError, CheckpointError, StaleCacheError, ModelFileError, *files)
+    return (
+        ConfigError,
+        BuildError,
+        CheckpointError,
+        StaleCacheError,
+        ModelFileError,
+        MissingPackageError,
+        *files,
+    )
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

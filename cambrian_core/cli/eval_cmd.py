@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         from cambrian_core.serve.engine import InferenceEngine
         from cambrian_core.serve.loading import load_for_serving
 
-        model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
+        model = load_for_serving(args.model, args.device, args.dtype, args.tower_path, args.quantize)
         engine = InferenceEngine(
             model, name=name, max_batch_size=args.batch_size, batch_wait=0.01, max_queue=4096
         )

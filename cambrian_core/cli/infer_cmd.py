@@ -113,7 +113,7 @@ def _engine(args: argparse.Namespace) -> Any:
     from cambrian_core.serve.engine import InferenceEngine
     from cambrian_core.serve.loading import load_for_serving, model_display_name
 
-    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
+    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path, args.quantize)
     return InferenceEngine(
         model, name=model_display_name(args.model), max_batch_size=args.max_batch_size, max_images=64
     )

@@ -262,7 +262,7 @@ class EvalSection:
 @dataclass(frozen=True)
 class LoraSection:
     """LoRA on the LLM through peft (reference §C.2 defaults: r 64, alpha 16, dropout 0.05, every linear layer);
-    ``qlora``: the decoder's linear layers in bitsandbytes 4-bit NF4 first (CUDA only), computing in
+    ``qlora``: the decoder's linear layers in bitsandbytes 4-bit NF4 first (CUDA or CPU), computing in
     ``compute_dtype``. See :mod:`cambrian_core.train.lora`."""
 
     r: int = 64

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and serve the demo until interrupted."""
     from cambrian_core.serve.loading import load_for_serving, model_display_name
 
-    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
+    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path, args.quantize)
     engine = InferenceEngine(model, name=model_display_name(args.model), max_batch_size=args.max_batch_size)
     try:
         launch(build_demo(engine), args.host, args.port, block=True)

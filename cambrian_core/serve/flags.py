@@ -40,9 +40,25 @@ def request_limit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def placement_arguments(p: argparse.ArgumentParser) -> None:
-    """Where and how a model loads: ``--device``, ``--dtype`` and ``--tower-path`` (shared by every loader)."""
+    """Where and how a model loads: ``--device``, ``--dtype``, ``--load-8bit`` / ``--load-4bit`` and
+    ``--tower-path`` (shared by every loader)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--load-8bit",
+        dest="quantize",
+        action="store_const",
+        const=8,
+        help="the LLM's linear layers in int8 (bitsandbytes LLM.int8; towers and connector keep --dtype)",
+    )
+    bits.add_argument(
+        "--load-4bit",
+        dest="quantize",
+        action="store_const",
+        const=4,
+        help="the LLM's linear layers in 4-bit NF4 (bitsandbytes), computing in --dtype",
+    )
     p.add_argument(
         "--tower-path",
         action="append",
@@ -121,8 +137,6 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
         p.add_argument("--model-base", default=None, help=argparse.SUPPRESS)
         p.add_argument("--multi-modal", action="store_true", help=argparse.SUPPRESS)
         p.add_argument("--stream-interval", type=int, default=1, help=argparse.SUPPRESS)
-        p.add_argument("--load-8bit", action="store_true", help=argparse.SUPPRESS)
-        p.add_argument("--load-4bit", action="store_true", help=argparse.SUPPRESS)
 
 
 def web_arguments(p: argparse.ArgumentParser) -> None:

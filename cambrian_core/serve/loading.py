@@ -158,15 +158,28 @@ def load_for_serving(
     device: str = "auto",
     dtype: str = "auto",
     tower_paths: Sequence[str] | Mapping[str, str] | None = None,
+    quantize: int | None = None,
 ) -> Any:
     """Load a model for inference on ``device`` (see :func:`pick_device`), in eval mode.
 
     ``tower_paths`` (``NAME=DIR`` strings or a dict) locate the vision towers of a Cambrian-1 folder.
+    ``quantize`` (8 or 4, the ``--load-8bit`` / ``--load-4bit`` flags): the LLM's decoder linear layers in
+    bitsandbytes int8 / NF4 (:mod:`cambrian_core.model.quantize`); everything else keeps ``dtype``.
     """
     from cambrian_core.model.io import load_model
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    if quantize is not None:
+        from cambrian_core.model.quantize import QUANT_BITS, require_bitsandbytes
+
+        if quantize not in QUANT_BITS:
+            raise ValueError(f"quantize must be 8 or 4 (--load-8bit / --load-4bit), got {quantize!r}")
+        if dev.startswith("mps"):
+            raise ValueError(
+                f"--load-{quantize}bit: bitsandbytes has no Metal (MPS) kernels; use --device cpu"
+            )
+        require_bitsandbytes(f"--load-{quantize}bit")
     source: Any = path_or_name
     p = Path(str(path_or_name)).expanduser()
     if p.is_dir() and is_cambrian1_folder(p):
@@ -174,4 +187,12 @@ def load_for_serving(
     elif p.is_dir():
         source = str(p)
     log.info("loading %s on %s (%s)", path_or_name, dev, torch_dtype or "saved dtype")
-    return load_model(str(source), device=dev, dtype=torch_dtype)
+    if quantize is None:
+        return load_model(str(source), device=dev, dtype=torch_dtype)
+    from cambrian_core.model.quantize import quantize_linears
+
+    model = load_model(str(source), dtype=torch_dtype)  # on the CPU: weights are quantized as they move
+    compute = model.llm.model.get_input_embeddings().weight.dtype
+    n = quantize_linears(model.llm.model, quantize, compute, what=f"--load-{quantize}bit")
+    log.info("%d linear layers of the LLM in %d bits", n, quantize)
+    return model.to(dev).eval()

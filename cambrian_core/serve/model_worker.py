@@ -281,9 +281,7 @@ def build_worker(args: argparse.Namespace) -> ModelWorker:
         raise SystemExit(
             "--model-base (LoRA on a base model) is not supported: merge first with `cambrian export`"
         )
-    if getattr(args, "load_8bit", False) or getattr(args, "load_4bit", False):
-        raise SystemExit("--load-8bit / --load-4bit are not supported; use --dtype bfloat16 or float16")
-    model = load_for_serving(args.model_path, args.device, args.dtype, args.tower_path)
+    model = load_for_serving(args.model_path, args.device, args.dtype, args.tower_path, args.quantize)
     engine = InferenceEngine(
         model,
         name=args.model_name or model_display_name(args.model_path),

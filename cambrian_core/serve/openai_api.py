@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from cambrian_core.serve.loading import load_for_serving, model_display_name
     from cambrian_core.serve.server import run_app
 
-    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path)
+    model = load_for_serving(args.model, args.device, args.dtype, args.tower_path, args.quantize)
     engine = InferenceEngine(
         model,
         name=args.served_model_name or model_display_name(args.model),

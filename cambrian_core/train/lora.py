@@ -2,13 +2,12 @@
 
 ``lora=dict(r=64, alpha=16, dropout=0.05)`` in a config wraps the LLM's Hugging Face model with a peft LoRA
 adapter after the stage has set what trains: the LLM's own weights freeze, the adapter and the connector
-train. ``qlora=True`` first swaps the decoder's linear layers for bitsandbytes 4-bit NF4 layers (CUDA only).
+train. ``qlora=True`` first swaps the decoder's linear layers for bitsandbytes 4-bit NF4 layers (CUDA, or the CPU).
 At export the adapter is merged back (LoRA), or saved on its own next to the model (QLoRA).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -17,8 +16,6 @@ from torch import nn
 from cambrian_core.config.schema import LoraSection
 
 __all__ = ["LoraSettings", "apply_lora", "export_lora", "quantize_4bit"]
-
-log = logging.getLogger(__name__)
 
 
 #: the ``lora`` config section (defined with the other sections, so the config check sees its keys)
@@ -36,33 +33,12 @@ def _require_peft() -> Any:
 
 
 def quantize_4bit(module: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Replace every ``nn.Linear`` under ``module`` (except the LM head) by a bitsandbytes NF4 ``Linear4bit``.
+    """Swap every ``nn.Linear`` under ``module`` (except the LM head) for a bitsandbytes NF4 ``Linear4bit`` and
+    move it to ``device`` (where the weights are quantized); returns the number of layers replaced."""
+    from cambrian_core.model.quantize import quantize_linears
 
-    Returns the number of layers replaced. Needs bitsandbytes and a CUDA device.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise ImportError("lora.qlora=True needs bitsandbytes: pip install bitsandbytes (CUDA only)") from exc
-    if device.type != "cuda":
-        raise RuntimeError(f"lora.qlora=True needs a CUDA device (4-bit kernels), this run uses {device}")
-    count = 0
-    for name, child in list(module.named_modules()):
-        for attr, sub in list(child.named_children()):
-            full = f"{name}.{attr}" if name else attr
-            if isinstance(sub, nn.Linear) and not full.endswith("lm_head"):
-                q = bnb.nn.Linear4bit(
-                    sub.in_features,
-                    sub.out_features,
-                    bias=sub.bias is not None,
-                    compute_dtype=compute_dtype,
-                    quant_type="nf4",
-                )
-                q.weight = bnb.nn.Params4bit(sub.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                if sub.bias is not None:
-                    q.bias = nn.Parameter(sub.bias.data.clone(), requires_grad=False)
-                setattr(child, attr, q.to(device))
-                count += 1
+    count = quantize_linears(module, 4, compute_dtype, what="lora.qlora=True")
+    module.to(device)
     return count
 
 
@@ -70,11 +46,14 @@ def apply_lora(model: nn.Module, settings: LoraSettings, device: torch.device | 
     """Wrap ``model.llm.model`` with a LoRA adapter (after ``set_stage``); returns a one-line summary."""
     peft = _require_peft()
     hf = model.llm.model
+    quantized = ""
     if settings.qlora:
         dtype = getattr(torch, settings.compute_dtype)
         n = quantize_4bit(hf, dtype, device or torch.device("cpu"))
         hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
-        log.info("QLoRA: %d linear layers of the LLM quantised to 4-bit NF4", n)
+        quantized = (
+            f"QLoRA: {n} linear layers of the LLM in 4-bit NF4 (computing in {settings.compute_dtype}); "
+        )
     config = peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -85,7 +64,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, device: torch.device | 
     )
     model.llm.model = peft.get_peft_model(hf, config)
     adapter = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
-    return f"LoRA r={settings.r} alpha={settings.alpha} on {settings.target_modules}: {adapter:,} adapter weights"
+    return (
+        f"{quantized}LoRA r={settings.r} alpha={settings.alpha} on {settings.target_modules}: "
+        f"{adapter:,} adapter weights"
+    )
 
 
 def export_lora(model: nn.Module, settings: LoraSettings, adapter_dir: str) -> bool:
