@@ -107,6 +107,42 @@ def test_the_deepspeed_launcher_starts_the_recipe(tmp_path: Path) -> None:
     assert losses(tmp_path / "ds") == pytest.approx(single["losses"], rel=1e-5)
 
 
+@pytest.mark.gpu
+def test_zero_stages_on_one_gpu_with_nccl_train_like_the_single_runner(tmp_path: Path) -> None:
+    records = write_dataset(tmp_path / "data", n=16)
+    over = {"schedule": {"max_steps": 3}, "checkpoint": {"interval": 3, "export": False}}
+    gpu = {"type": "single", "device": "cuda"}
+    single = run(train_cfg(records, tmp_path / "single", runner=gpu, data={"batch_size": 4}, **over))
+    bf16 = {**over, "schedule": {"max_steps": 3, "precision": "bf16"}}
+    single_bf16 = run(
+        train_cfg(records, tmp_path / "single_bf16", runner=gpu, data={"batch_size": 4}, **bf16)
+    )
+    runs = {name: over for name in STAGES} | {"zero3_bf16": bf16}
+    configs = []
+    for name, sched in runs.items():
+        json_name = name.removesuffix("_bf16")
+        runner = {
+            "type": "deepspeed",
+            "device": "cuda",
+            "config": f"cambrian::_base_/runtime/{json_name}.json",
+        }
+        cfg = train_cfg(records, tmp_path / name, runner=runner, data={"batch_size": 4}, **sched)
+        configs.append(str(dump(cfg, tmp_path / f"{name}.py")))
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        f"from cambrian_core.cli import main\nfor cfg in {configs!r}:\n    assert main(['train', cfg]) == 0\n"
+    )
+    env = {k: v for k, v in subprocess_env().items() if k != "DS_ACCELERATOR"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(driver)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/1 on cuda:0" in proc.stderr
+    for name in STAGES:
+        assert losses(tmp_path / name) == pytest.approx(single["losses"], rel=1e-4), name
+    # DeepSpeed's bf16 keeps bf16 weights with fp32 master copies; the single runner autocasts fp32 weights
+    assert losses(tmp_path / "zero3_bf16") == pytest.approx(single_bf16["losses"], rel=3e-2)
+
+
 def load_weights_from_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
