@@ -203,7 +203,7 @@ def test_python_dash_m_entry_points_parse_the_seed_lines(monkeypatch):
     assert seen["cambrian_core.serve.gradio_web_server"].model_list_mode == "reload"
 
 
-def test_loading_names_devices_and_cambrian1_folders(tmp_path):
+def test_loading_names_devices_and_cambrian1_folders(tmp_path, monkeypatch):
     from cambrian_core.serve.loading import is_cambrian1_folder, model_display_name, pick_device, pick_dtype
 
     assert pick_device("cpu") == "cpu" and pick_dtype("auto", "cpu") is None
@@ -214,6 +214,13 @@ def test_loading_names_devices_and_cambrian1_folders(tmp_path):
     assert model_display_name(str(ckpt)) == "run1_checkpoint-300" and model_display_name(
         "cambrian-tiny-med"
     ) == ("cambrian-tiny-med")
+    assert model_display_name(str(ckpt) + "/") == "run1_checkpoint-300"
+    model = tmp_path / "chest-model"
+    model.mkdir()
+    monkeypatch.chdir(model)
+    assert model_display_name(".") == model_display_name("./") == "chest-model"  # never ""
+    monkeypatch.chdir(ckpt)
+    assert model_display_name(".") == "run1_checkpoint-300"
     (ckpt / "config.json").write_text(
         json.dumps({"architectures": ["CambrianLlamaForCausalLM"], "mm_vision_tower_aux_list": ["siglip/x"]})
     )

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,95 @@ def test_cancelled_request_stops_and_others_finish(engine):
     assert engine.generate("hi", max_new_tokens=2).completion_tokens >= 1  # the engine still serves
 
 
+def test_nan_logits_fail_only_their_request_and_the_engine_keeps_serving(model, monkeypatch):
+    import torch
+
+    from cambrian_core.serve.request import EngineError
+
+    real = model.decode_step
+    calls = {"n": 0}
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # one row overflows once, mid-answer, while another decodes beside it
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "decode_step", overflowing)
+    eng = InferenceEngine(model, name="nan", max_batch_size=2, batch_wait=0.2)
+    try:
+        params = SamplingParams(max_new_tokens=12, min_tokens=12, temperature=0.7)
+        broken = eng.submit_chat("What is in the image?", [], params)
+        healthy = eng.submit_chat("Is there a fracture?", [], params)
+        with pytest.raises(EngineError, match=r"logits are NaN .*--dtype bfloat16 or float32"):
+            broken.wait(30)
+        assert healthy.wait(30).completion_tokens == 12
+        assert eng._thread.is_alive()
+        monkeypatch.setattr(model, "decode_step", lambda *a, **k: torch.zeros(()).item() / 0)  # raises
+        with pytest.raises(EngineError, match="ZeroDivisionError"):
+            eng.generate("hi", max_new_tokens=4)
+        monkeypatch.setattr(model, "decode_step", real)
+        assert eng.generate("hi", max_new_tokens=3).completion_tokens >= 1  # still serving
+    finally:
+        eng.shutdown()
+
+
+def test_leaving_a_stream_early_cancels_its_request(engine):
+    handle = engine.submit_chat(
+        "Describe the findings.", [], SamplingParams(max_new_tokens=2000, min_tokens=2000)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        for i, _ in enumerate(handle):
+            if i == 2:
+                raise KeyboardInterrupt  # Ctrl-C in `cambrian infer`
+    assert handle._req.cancelled.is_set()
+    deadline = time.monotonic() + 30
+    while not handle._req.done and time.monotonic() < deadline:  # the engine ends it at its next step
+        time.sleep(0.02)
+    assert handle._req.done and len(handle._req.tokens) < 2000
+
+
+def test_one_stop_string_is_one_stop_not_its_characters():
+    assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    with pytest.raises(RequestError, match="stop must be a string or a list of strings, got 5"):
+        SamplingParams(stop=5)
+
+
+def test_prompt_tokens_count_the_rows_an_unpadded_image_keeps():
+    import torch
+    from serve_helpers import tiny_config
+
+    from cambrian_core import MODELS, build
+
+    torch.manual_seed(0)
+    model = build(MODELS, {**tiny_config(), "image_token_len": 16}).eval()  # a 4x4 grid
+    assert model.unpad
+    seen = {}
+    real = model.prefill
+
+    def prefill(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["used"] = int(out.attention_mask.sum())
+        return out
+
+    model.prefill = prefill
+    eng = InferenceEngine(model, name="grid4")
+    try:
+        counts = {}
+        for w, h in ((40, 40), (200, 20), (20, 200)):
+            res = eng.generate("<image>\nWhat is this?", [image(w, h)], max_new_tokens=1)
+            assert res.prompt_tokens == seen["used"], (w, h)
+            counts[w, h] = res.prompt_tokens
+        # a wide image keeps 2 of 4 rows (2 x 5 positions), a tall one 4 rows of 2 columns (4 x 3)
+        assert counts[40, 40] - counts[200, 20] == 4 * 5 - 2 * 5
+        assert counts[40, 40] - counts[20, 200] == 4 * 5 - 4 * 3
+    finally:
+        eng.shutdown()
+
+
 def test_limits_are_refused_before_queueing(engine):
     with pytest.raises(RequestError, match="too many images: 4 were sent but at most 3"):
         engine.submit_chat("hi", [image()] * 4)
@@ -203,6 +293,26 @@ def test_sniffing_uses_the_bytes_not_a_name(tmp_path):
     gz = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "standard.nii.gz")
     assert sniff_kind(Path(nii).read_bytes()) == sniff_kind(Path(gz).read_bytes()) == "nifti"
     assert sniff_kind(b"\x1f\x8b" + b"junk" * 100) is None and sniff_kind(b"hello") is None
+
+
+def test_postscript_uploads_never_reach_ghostscript(monkeypatch):
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    eps = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(eps, "EPS")  # what Pillow would hand to `gs` on load()
+    assert Image.open(io.BytesIO(eps.getvalue())).format == "EPS"
+    assert sniff_kind(eps.getvalue()) is None
+    with pytest.raises(RequestError, match=r"upload \(\d+ bytes\) is not an image: expected PNG, JPEG, TIFF"):
+        image_from_bytes(eps.getvalue(), "upload")
+    assert not called
+    for fmt in ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP"):
+        raw = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(raw, fmt)
+        assert image_from_bytes(raw.getvalue()).size == (8, 8), fmt
 
 
 def test_scans_arrive_as_bytes_with_window_and_slice_options():

@@ -279,10 +279,26 @@ def test_the_controller_names_what_a_bad_registration_lacks(cluster):
         "text": 'send {"worker_name": "<the worker\'s URL>", ...}',
         "error_code": 4,
     }
-    r = post(url, "/register_worker", {"worker_name": "http://127.0.0.1:1", "worker_status": {"speed": 1}})
-    assert r.status_code == 400 and 'a list "model_names"' in r.json()["text"]
+    for status, message in (
+        ({"speed": 1}, '"model_names" must be a list of non-empty strings, got None'),
+        ({"model_names": [1]}, '"model_names" must be a list of non-empty strings, got [1]'),
+        ({"model_names": ["m"], "speed": "fast"}, "\"speed\" must be a number >= 0, got 'fast'"),
+        ({"model_names": ["m"], "queue_length": -1}, '"queue_length" must be a non-negative integer, got -1'),
+    ):
+        r = post(url, "/register_worker", {"worker_name": "http://127.0.0.1:1", "worker_status": status})
+        assert r.status_code == 400 and r.json()["text"] == f"worker_status: {message}", status
     r = post(url, "/receive_heart_beat", {"name": "x"})
     assert r.status_code == 400 and "worker_name" in r.json()["text"]
+    r = httpx.post(url + "/get_worker_address", content=b'{"model": tiny-a}', timeout=10)
+    assert r.status_code == 400 and r.json()["text"].startswith(
+        "the request body is not JSON: Expecting value"
+    )
+    r = httpx.post(url + "/register_worker", content=b"[1, 2]", timeout=10)
+    assert r.status_code == 400 and r.json()["text"] == "the request body must be a JSON object, got list"
+    # the client's bytes reach the worker as sent (NaN included), and the worker's refusal comes back
+    raw = b'{"model": "tiny-a", "prompt": "hi", "temperature": NaN}'
+    r = httpx.post(url + "/worker_generate_stream", content=raw, timeout=30)
+    assert r.status_code == 400 and "temperature" in r.json()["text"]
     wait_for(lambda: post(url, "/list_models").json() == {"models": ["tiny-a", "tiny-b"]}, timeout=10)
 
 

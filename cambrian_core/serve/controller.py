@@ -37,6 +37,25 @@ __all__ = ["Controller", "WorkerInfo", "create_app", "main"]
 log = logging.getLogger(__name__)
 
 
+def status_problem(status: Any) -> str | None:
+    """What is wrong with a worker's status object (``model_names``: non-empty strings; ``speed`` a finite number
+    >= 0, where 0 or null count as 1; ``queue_length`` a non-negative integer), or ``None``."""
+    if not isinstance(status, dict):
+        return f"expected an object, got {type(status).__name__}"
+    names = status.get("model_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        return f'"model_names" must be a list of non-empty strings, got {names!r}'
+    speed = status.get("speed", 1)
+    if speed is not None and (
+        isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 <= speed < float("inf")
+    ):
+        return f'"speed" must be a number >= 0, got {speed!r}'
+    queue = status.get("queue_length", 0)
+    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
+        return f'"queue_length" must be a non-negative integer, got {queue!r}'
+    return None
+
+
 @dataclasses.dataclass
 class WorkerInfo:
     """What the controller knows about one worker (keyed by its URL)."""
@@ -97,8 +116,9 @@ class Controller:
             r = httpx.post(worker_name.rstrip("/") + "/worker_get_status", timeout=self.status_timeout)
             r.raise_for_status()
             status = r.json()
-            if not isinstance(status, dict) or not isinstance(status.get("model_names"), list):
-                raise ValueError(f"bad status {status!r}")
+            problem = status_problem(status)
+            if problem:
+                raise ValueError(f"bad status {status!r}: {problem}")
             return status
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("worker %s did not answer /worker_get_status: %s", worker_name, exc)
@@ -208,13 +228,15 @@ def create_app(controller: Controller, worker_timeout: float = 600.0, max_body: 
     app = FastAPI(title="cambrian controller", lifespan=lifespan)
     app.state.controller = controller
 
-    async def body(request: Request) -> dict[str, Any]:
-        raw = await read_body(request, limit)  # a RequestError (413) past the limit
+    async def body(request: Request, raw: bytes | None = None) -> dict[str, Any]:
+        raw = await read_body(request, limit) if raw is None else raw  # a RequestError (413) past the limit
         try:
             data = json.loads(raw)
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
+        except ValueError as exc:
+            raise RequestError(f"the request body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+        return data
 
     @app.exception_handler(RequestError)
     async def refuse(request: Request, exc: RequestError) -> Response:
@@ -233,10 +255,9 @@ def create_app(controller: Controller, worker_timeout: float = 600.0, max_body: 
         name, status = worker_name(data), data.get("worker_status")
         if name is None:
             return bad_request('send {"worker_name": "<the worker\'s URL>", ...}')
-        if status is not None and not (
-            isinstance(status, dict) and isinstance(status.get("model_names"), list)
-        ):
-            return bad_request('worker_status must be an object with a list "model_names"')
+        problem = None if status is None else status_problem(status)
+        if problem:
+            return bad_request(f"worker_status: {problem}")
         await asyncio.to_thread(controller.register_worker, name, data.get("check_heart_beat", True), status)
         return None
 
@@ -267,7 +288,8 @@ def create_app(controller: Controller, worker_timeout: float = 600.0, max_body: 
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
-        params = await body(request)
+        raw = await read_body(request, limit)
+        params = await body(request, raw)
         model = str(params.get("model", ""))
         address = controller.get_worker_address(model)
         if not address:
@@ -282,7 +304,13 @@ def create_app(controller: Controller, worker_timeout: float = 600.0, max_body: 
         client: httpx.AsyncClient = app.state.http
         try:
             upstream = await client.send(
-                client.build_request("POST", address + "/worker_generate_stream", json=params), stream=True
+                client.build_request(  # the client's bytes as sent: the worker validates them
+                    "POST",
+                    address + "/worker_generate_stream",
+                    content=raw,
+                    headers={"content-type": "application/json"},
+                ),
+                stream=True,
             )
         except httpx.HTTPError as exc:
             log.warning("worker %s unreachable: %s", address, exc)

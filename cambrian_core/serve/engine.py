@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cambrian_core.model.masks import real_extents
 from cambrian_core.model.template import IMAGE_TOKEN
 from cambrian_core.model.tokenize import (
     IMAGE_TOKEN_INDEX,
@@ -261,10 +262,16 @@ class InferenceEngine:
             ids.extend(int(t) for t in piece)
         return ids
 
-    def prompt_positions(self, input_ids: Sequence[int]) -> int:
-        """Positions the prompt takes once every image sentinel is expanded."""
+    def prompt_positions(self, input_ids: Sequence[int], images: Sequence[Image.Image] | None = None) -> int:
+        """Positions the prompt takes once every image sentinel is expanded: with ``images`` and a model that
+        unpads, each image's real rows (plus their newlines); otherwise the full grid per image."""
         n_img = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
-        return len(input_ids) - n_img + n_img * self.image_tokens
+        text = len(input_ids) - n_img
+        grid = int(getattr(self.model, "grid", 0) or 0)
+        if images is None or not grid or not getattr(self.model, "unpad", False):
+            return text + n_img * self.image_tokens
+        extents = real_extents(torch.tensor([im.size for im in images], dtype=torch.long), grid).tolist()
+        return text + sum((r1 - r0) * (c1 - c0 + 1) for r0, r1, c0, c1 in extents)
 
     # ------------------------------------------------------------------ submission
     def submit(
@@ -289,11 +296,11 @@ class InferenceEngine:
         n_markers = sum(1 for t in input_ids if t == IMAGE_TOKEN_INDEX)
         if n_markers != len(images):
             raise RequestError(f"{n_markers} image marker(s) in the prompt but {len(images)} image(s) sent")
-        positions = self.prompt_positions(input_ids)
+        positions = self.prompt_positions(input_ids, images)
         room = self.context_length - positions
         if room < 1:
             raise RequestError(
-                f"the prompt needs {positions} positions ({len(images)} image(s) x {self.image_tokens} + text) "
+                f"the prompt needs {positions} positions ({len(images)} image(s) and the text) "
                 f"but the model's context is {self.context_length}; shorten the prompt or send fewer images",
                 param="messages",
                 code="context_length_exceeded",
@@ -421,6 +428,11 @@ class InferenceEngine:
                         self._admit(batch, live)
                     if batch:
                         self._step(batch)
+            except Exception as exc:  # the thread must outlive any one batch: fail what it held, go on
+                log.exception("the engine failed a batch of %d request(s)", len(batch.rows) + len(live))
+                for r in [*batch.rows, *live]:
+                    r.fail(exc)
+                batch.keep([])
             finally:
                 with self._cond:
                     self._running = len(batch)
@@ -466,9 +478,7 @@ class InferenceEngine:
             self._continuous = False
             self._run_batch(reqs)
             return
-        now = time.perf_counter()
-        for req, token in zip(reqs, self._sample(pre.logits, reqs), strict=True):
-            self.accept(req, token, self.text_stops(req.params), now)
+        self._take_tokens(pre.logits, reqs)
         batch.add(reqs, pre.cache, pre.attention_mask, pre.positions)
         batch.keep([i for i, r in enumerate(batch.rows) if not r.done])
 
@@ -485,10 +495,30 @@ class InferenceEngine:
                 r.fail(exc)
             batch.keep([])
             return
-        now = time.perf_counter()
-        for req, token in zip(reqs, self._sample(logits, reqs), strict=True):
-            self.accept(req, token, self.text_stops(req.params), now)
+        self._take_tokens(logits, reqs)
         batch.keep([i for i, r in enumerate(reqs) if not r.done])
+
+    def _take_tokens(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Sample each row's next token and hand it to its request. A row whose logits hold NaN (an fp16
+        overflow, say) fails alone; any other error fails the rows that are still running."""
+        try:
+            nan = torch.isnan(logits).any(dim=-1).tolist()
+            tokens = self._sample(torch.nan_to_num(logits, nan=0.0) if any(nan) else logits, reqs)
+            now = time.perf_counter()
+            for req, token, broken in zip(reqs, tokens, nan, strict=True):
+                if broken:
+                    req.fail(
+                        EngineError(
+                            "the model's next-token logits are NaN (a numerical overflow; float16 is the usual "
+                            "cause: serve with --dtype bfloat16 or float32)"
+                        )
+                    )
+                else:
+                    self.accept(req, token, self.text_stops(req.params), now)
+        except Exception as exc:
+            log.exception("sampling failed for %d request(s)", len(reqs))
+            for r in reqs:
+                r.fail(exc)
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)

@@ -40,6 +40,9 @@ _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I
 )
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+#: raster formats a request may carry: decoded by Pillow itself. Formats Pillow hands to outside programs (EPS /
+#: PostScript to Ghostscript) or rarely seen ones are refused, since uploads are untrusted.
+RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM")
 #: request options that apply to each kind of file
 _KIND_OPTIONS = {
     "dicom": {"window", "frame", "slice_index"},
@@ -98,7 +101,7 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 def sniff_kind(data: bytes) -> str | None:
-    """``"dicom"``, ``"nifti"`` (plain or gzipped), ``"raster"`` (anything Pillow recognises) or ``None``."""
+    """``"dicom"``, ``"nifti"`` (plain or gzipped), ``"raster"`` (one of :data:`RASTER_FORMATS`) or ``None``."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     head = data[:544]
@@ -130,7 +133,7 @@ def _open_raster(data: bytes) -> Image.Image:
     with _PILLOW_LIMIT:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -248,7 +251,8 @@ def image_from_bytes(
     kind = sniff_kind(data)
     if kind is None:
         raise RequestError(
-            f"{what} ({len(data)} bytes) is not an image: expected PNG, JPEG, DICOM or NIfTI data",
+            f"{what} ({len(data)} bytes) is not an image: expected PNG, JPEG, TIFF, BMP, GIF, WebP, JPEG 2000, "
+            "DICOM or NIfTI data",
             code="invalid_image",
         )
     if kind == "raster":

@@ -66,9 +66,10 @@ def pick_dtype(flag: str, device: str) -> torch.dtype | None:
 def model_display_name(path_or_name: str) -> str:
     """The name clients use: a registered name as is; a folder's last component (``<parent>_checkpoint-N`` for
     trainer checkpoint folders, as LLaVA names them)."""
-    p = Path(str(path_or_name).rstrip("/\\"))
+    p = Path(str(path_or_name)).expanduser()
     if not p.exists():
         return str(path_or_name)
+    p = p.resolve()  # "." and "model/" name the folder itself
     if re.fullmatch(r"checkpoint-\d+", p.name):
         return f"{p.parent.name}_{p.name}"
     return p.name

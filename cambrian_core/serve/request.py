@@ -45,6 +45,12 @@ class SamplingParams:
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop, tuple):
+            raise RequestError(f"stop must be a string or a list of strings, got {self.stop!r}", param="stop")
         if (
             not isinstance(self.max_new_tokens, int)
             or isinstance(self.max_new_tokens, bool)
@@ -205,16 +211,20 @@ class RequestHandle:
         return self.stream()
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
-        """Text deltas as they are decoded (``timeout``: longest wait for the next one)."""
-        while self._result is None:
-            try:
-                kind, value = self._req.channel.get(timeout)
-            except queue.Empty:
+        """Text deltas as they are decoded (``timeout``: longest wait for the next one). Leaving the loop early
+        (``break``, an exception, Ctrl-C) cancels the request, so the engine stops decoding it."""
+        try:
+            while self._result is None:
+                try:
+                    kind, value = self._req.channel.get(timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"no output for {timeout} s; request {self.id} cancelled") from None
+                delta = self._handle(kind, value)
+                if delta:
+                    yield delta
+        finally:
+            if self._result is None:
                 self.cancel()
-                raise TimeoutError(f"no output for {timeout} s; request {self.id} cancelled") from None
-            delta = self._handle(kind, value)
-            if delta:
-                yield delta
 
     async def astream(self) -> AsyncIterator[str]:
         """Async text deltas (the request must have been submitted with ``loop=``)."""
