@@ -238,6 +238,21 @@ def test_deeplesion_key_slices(deeplesion_tree, tmp_path):
     assert np.abs(png - expected).max() <= 1
 
 
+def test_a_csv_saved_with_a_byte_order_mark_reads_the_same(deeplesion_tree, tmp_path):
+    import shutil
+
+    src, _ = deeplesion_tree
+    bom = tmp_path / "bom"
+    shutil.copytree(src, bom)
+    table = (src / "DL_info.csv").read_text(encoding="utf-8")
+    (bom / "DL_info.csv").write_text(table, encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    assert (bom / "DL_info.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    plain = _run("deeplesion", src, tmp_path / "plain")
+    marked = _run("deeplesion", bom, tmp_path / "marked")
+    assert marked[0].converted == plain[0].converted == 1
+    assert sorted(marked[2]) == sorted(plain[2])
+
+
 def test_deeplesion_neighbours_and_key_slices_folder(deeplesion_tree, tmp_path):
     src, hu = deeplesion_tree
     _, records, _ = _run("deeplesion", src, tmp_path / "multi", views="multi", neighbors=2)

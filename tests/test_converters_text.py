@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,12 @@ def test_pmc_oa_reads_tar_gz_packages(tmp_path: Path) -> None:
     jpeg(root / "PMC13900" / "bcr-3-1-055-1.jpg", 3)
     again = split(list(converter("pmc_oa", root, extract_dir=str(unpacked)).iter_cases()))[0]
     assert Path(again["PMC13900/F1"].images[0].path) == root / "PMC13900" / "bcr-3-1-055-1.jpg"
+    # a package unpacked in place (its archive deleted) is found at any depth
+    shutil.rmtree(root / "PMC13900")
+    (nested / "PMC13900.tar.gz").unlink()
+    shutil.copytree(pkg, nested / "PMC13900")
+    again = split(list(converter("pmc_oa", root, extract_dir=str(unpacked)).iter_cases()))[0]
+    assert Path(again["PMC13900/F1"].images[0].path) == nested / "PMC13900" / "bcr-3-1-055-1.jpg"
 
 
 # -- Quilt-1M ---------------------------------------------------------------------------------------------------------
@@ -691,3 +698,20 @@ def test_llava_import_through_runner_keeps_conversations(tmp_path: Path) -> None
     assert got["stage"] == "instruct" and (out / got["image"]).is_file()
     (reject,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["case_id"] == "b1" and "not found" in reject["reason"]
+
+
+def test_eurorad_differentials_split_on_lines_semicolons_and_capitalised_commas() -> None:
+    from cambrian_plugins.datasets.eurorad import _differentials
+
+    assert _differentials("Lymphoma\nSarcoidosis\r\ntuberculosis") == [
+        "Lymphoma",
+        "Sarcoidosis",
+        "tuberculosis",
+    ]
+    assert _differentials("Abscess;  necrotic   tumour; Lymphoma, diffuse type") == [
+        "Abscess",
+        "necrotic tumour",
+        "Lymphoma, diffuse type",  # a lower-case word after a comma continues the item
+    ]
+    assert _differentials("Abscess, Lymphoma") == ["Abscess", "Lymphoma"]
+    assert _differentials(float("nan")) == _differentials(" \n ") == []

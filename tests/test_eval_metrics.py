@@ -51,6 +51,12 @@ def score(name: str, prediction: str, it: VQAItem) -> float:
         ("The LEFT-sided lesion.", ["left", "sided", "lesion"]),
         ("Don't", ["dont"]),
         ("肝脏 MRI", ["肝", "脏", "mri"]),
+        ("A mass in the liver. A cyst.", ["mass", "in", "liver", "cyst"]),  # articles opening sentences
+        ("There is a mass", ["there", "is", "mass"]),
+        ("Type A", ["type", "a"]),  # a letter, not an article: last word, capital mid-sentence, before "or"
+        ("hepatitis a", ["hepatitis", "a"]),
+        ("vitamin A deficiency", ["vitamin", "a", "deficiency"]),
+        ("Is this a type a or type b?", ["is", "this", "type", "a", "or", "type", "b"]),
     ],
 )
 def test_strict_tokens(text: str, expected: list[str]) -> None:
@@ -96,10 +102,27 @@ def test_polarity_is_whole_word() -> None:
         ("a scan", None),  # ... but an article is not
         ("MRI or PET", None),  # two options' texts: ambiguous
         ("none of these", None),
+        ("Option A is wrong; the answer is option B", "B"),
+        ("The correct option is (c).", "C"),
+        ("the best choice is D", "D"),
     ],
 )
 def test_option_letter(prediction: str, letter: str | None) -> None:
     assert option_letter(prediction, ("A", "B", "C", "D"), CHOICES) == letter
+
+
+def test_a_choice_whose_text_starts_like_a_letter_is_read_as_that_choice() -> None:
+    choices = (("A", "C. difficile colitis"), ("B", "Ischaemic colitis"), ("C", "Crohn disease"))
+    assert option_letter("C. difficile colitis", ("A", "B", "C"), choices) == "A"
+    assert option_letter("C. Crohn disease", ("A", "B", "C"), choices) == "C"
+
+
+def test_letters_in_answers_keep_closed_and_open_scores_honest() -> None:
+    assert not closed_correct("Type B", "Type A", "Is this a type A or type B aortic dissection?")
+    assert closed_correct("type A", "Type A", "Is this a type A or type B aortic dissection?")
+    assert score("open_exact_match", "Hepatitis", item("Hepatitis A")) == 0.0
+    assert score("open_recall", "Hepatitis B", item("Hepatitis A")) == 0.5
+    assert score("open_exact_match", "The hepatitis A", item("Hepatitis A")) == 1.0
 
 
 def test_alternatives() -> None:

@@ -237,6 +237,25 @@ def test_keyword_classifier_and_domain() -> None:
     }
     assert medical_domain("Chest radiograph.")[0]
     assert medical_domain("Western blot of protein lysates")[0] is False
+
+
+@pytest.mark.parametrize(
+    ("caption", "body_part"),
+    [  # keywords match at word starts only: the words inside other words are traps
+        ("Axial CT of the abdomen showing an incidental hypodense liver cyst.", "Abdomen"),  # not "dental"
+        ("Sagittal MRI of the knee: tear of the outer third of the meniscus.", "Lower"),  # not "uter"
+        ("MRI of the calf showing a tear of the medial gastrocnemius muscle.", "Lower"),  # not "gastr"
+        ("Radiograph of the femur; the arrow marks the correct position of the nail.", "Lower"),  # not "rect"
+        ("Electron micrograph of a hepatocyte with abundant ribosomes.", "Abdomen"),  # not "rib"
+        ("Dental panoramic radiograph.", "Head & neck"),
+        ("CT of the rectum and uterus.", "Abdomen"),
+        ("Fracture of the 5th rib.", "Thorax"),
+        ("Intrahepatic bile duct dilatation on MRCP.", "Abdomen"),
+        ("Musculoskeletal ultrasound of the tendon.", "Extremity"),
+    ],
+)
+def test_body_part_keywords_match_whole_word_starts(caption: str, body_part: str) -> None:
+    assert KeywordClassifier()(caption).body_part == body_part
     assert medical_domain("The team photo at the annual meeting")[1].startswith("names no imaging modality")
 
 

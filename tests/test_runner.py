@@ -286,3 +286,19 @@ def test_views_of_a_case_never_overwrite_another_cases_image(tmp_path):
             tuple(int(v) for v in np.asarray(Image.open(tmp_path / "out" / p))[0, 0]) for p in images
         ]
     assert seen == {"red then green": [colours["red"], colours["green"]], "blue": [colours["blue"]]}
+
+
+def test_files_named_by_their_instance_uid_stay_separate_cases(tmp_path):
+    import numpy as np
+    from convert_helpers import write_ct
+
+    src = tmp_path / "src"
+    src.mkdir()
+    uids = [f"1.2.826.0.1.3680043.8.498.{k}" for k in (101, 102, 103)]  # PACS exports: no extension
+    hu = np.random.default_rng(0).integers(-1000, 1000, (48, 48)).astype(np.int16)
+    for uid in uids:
+        write_ct(src / uid, hu)
+    write_ct(src / "named.DCM", hu)
+    assert sorted(c.case_id for c in _dicom(src).iter_cases()) == sorted([*uids, "named"])
+    summary = convert(_dicom(src), SlowTemplate(), tmp_path / "out", progress=False)
+    assert summary.converted == 4 and not summary.skipped

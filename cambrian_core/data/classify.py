@@ -58,28 +58,39 @@ MODALITIES: list[tuple[str, str]] = [
     ),
 ]
 
-#: body-part vocabulary of §A.1.4 with keyword patterns; first match wins
+#: body-part vocabulary of §A.1.4 with keyword patterns; first match wins. Every keyword starts at a word start
+#: (with the usual prefixes spelled out), so "incidental" is not dental, "outer" not uterine, "correct" not rectal
 BODY_PARTS: list[tuple[str, str]] = [
     (
         "Head & neck",
-        r"\bbrain|cerebr|cranial|skull|\bhead\b|\bneck\b|thyroid|orbit|sinus|intracranial|"
-        r"pituitar|cerebell|\bretina|\beye\b|ocular|\bear\b|larynx|pharyn|\bjaw\b|mandib|maxill|dental|tooth|teeth",
+        r"\bbrain|\b(?:intra)?cerebr|\b(?:intra)?cranial|\bskull|\bhead\b|\bneck\b|\bthyroid|\borbit|"
+        r"\bsinus(?:es|itis)?\b|\bparanasal|\bpituitar|\bcerebell|\bretina|\beyes?\b|\b(?:intra)?ocular|\bears?\b|"
+        r"\blaryn[gx]|\bpharyn|\bjaws?\b|\bmandib|\bmaxill|\bdental|\btooth|\bteeth",
     ),
     (
         "Thorax",
-        r"chest|\blung|pulmonar|thora|cardiac|\bheart|mediastin|pleura|breast|coronary|aort(?:a|ic) arch|"
-        r"bronch|trachea|esophag|oesophag|\brib",
+        r"\bchest|\blungs?\b|\b(?:cardio)?pulmonar|\b(?:intra)?thora|\b(?:peri|endo|myo)?cardi(?:ac|al|um)\b|"
+        r"\bheart|\bmediastin|\bpleura|\bbreasts?\b|\bcoronary|\baort(?:a|ic) arch|\bbronch|\btrache|\besophag|"
+        r"\boesophag|\bribs?\b",
     ),
     (
         "Abdomen",
-        r"abdom|\bliver|hepat|kidney|renal|pancrea|bowel|colon|rect|stomach|gastr|spleen|splen|"
-        r"gallbladder|biliar|pelvi|bladder|uter|ovar|prostat|adrenal|periton|appendi",
+        r"\babdom|\bliver|\b(?:intra|peri)?hepat|\bkidneys?\b|\b(?:ad)?renal\b|\bpancrea|\bbowel|\bcolon(?:ic)?\b|"
+        r"\bcolorectal|\brect(?:um|al)\b|\bstomach|\bgastr(?!ocnem)|\bspleen|\bsplen|\bgallbladder|\bbiliar|"
+        r"\bpelvi|\bbladder|\buter(?:us|ine)\b|\bovar|\bprostat|\bperiton|\bappendi",
     ),
-    ("Upper", r"shoulder|humer|elbow|forearm|wrist|\bhand\b|finger|radius|\bulna|clavic|scapul"),
-    ("Lower", r"\bhip\b|femur|femoral|\bknee|tibia|fibula|ankle|\bfoot\b|\bfeet\b|\btoe\b|calcane|patell"),
+    (
+        "Upper",
+        r"\bshoulder|\bhumer|\belbow|\bforearm|\bwrist|\bhands?\b|\bfinger|\bradius\b|\bulna|\bclavic|\bscapul",
+    ),
+    (
+        "Lower",
+        r"\bhips?\b|\bfemur|\bfemoral|\bknee|\btibia|\bfibula|\bankle|\bfoot\b|\bfeet\b|\btoes?\b|\bcalcane|\bpatell|\bthighs?\b|\bcal(?:f|ves)\b|\blegs?\b",
+    ),
     (
         "Extremity",
-        r"extremit|\blimb|\bbone\b|joint|skelet|\bspine|vertebr|lumbar|cervical spine|\bsoft tissue",
+        r"\bextremit|\blimbs?\b|\bbones?\b|\bjoints?\b|\b(?:musculo)?skelet|\bspine|\bspinal\b|\bvertebr|\blumbar|"
+        r"\bcervical spine|\bsoft tissue",
     ),
 ]
 

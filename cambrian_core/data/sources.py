@@ -91,7 +91,7 @@ def literal_list(cell: Any) -> list[Any]:
 def read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
     """Header and ``(row number, row)`` pairs of a CSV whose cells may hold quotes, commas and newlines."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    fh = path.open(encoding="utf-8", newline="")
+    fh = path.open(encoding="utf-8-sig", newline="")
     reader = csv.reader(fh)
     try:
         header = next(reader)

@@ -2,7 +2,8 @@
 
 Strict (:func:`tokens`): Unicode NFKC, lower case, apostrophes dropped, thousands separators removed, words split
 on anything that is not a letter or digit, each CJK character its own token, number words up to twenty as digits,
-numbers canonical (``"2.0"`` -> ``"2"``, ``"007"`` -> ``"7"``, ``"2.50"`` -> ``"2.5"``), articles dropped. Matching
+numbers canonical (``"2.0"`` -> ``"2"``, ``"007"`` -> ``"7"``, ``"2.50"`` -> ``"2.5"``), articles dropped (a lone
+``a`` that is a letter, as in "Type A" or "hepatitis a", is kept). Matching
 is then done on whole tokens, never substrings: ``"no"`` is not found in ``"nodule"``.
 
 LLaVA-Med (:func:`llava_med_normalize`): its VQA-style punctuation and article rules, reimplemented from the
@@ -73,17 +74,37 @@ def _number(tok: str) -> str:
 
 def tokens(text: object, drop_articles: bool = True) -> list[str]:
     """Strict normalised tokens of ``text`` (see the module docstring)."""
-    s = unicodedata.normalize("NFKC", str(text)).lower()
+    s = unicodedata.normalize("NFKC", str(text))
     s = _THOUSANDS.sub("", _APOSTROPHES.sub("", s))
+    found = list(_TOKEN.finditer(s))
     out = []
-    for tok in _TOKEN.findall(s):
+    for i, match in enumerate(found):
+        tok = match.group(0).lower()
         tok = _WORD_NUMBERS.get(tok, tok)
         if tok[0].isdigit() and re.fullmatch(r"\d+(?:\.\d+)?", tok):
             tok = _number(tok)
-        if drop_articles and tok in _ARTICLES:
+        if drop_articles and tok in _ARTICLES and _is_article(s, found, i):
             continue
         out.append(tok)
     return out
+
+
+#: words after which a lone "a" is a letter, not an article ("type a or type b")
+_AFTER_LETTER = frozenset({"or", "and", "vs", "versus", "nor"})
+
+
+def _is_article(text: str, found: list[re.Match[str]], i: int) -> bool:
+    """Whether token ``i`` (``a`` / ``an`` / ``the``) is an article. ``a`` is a letter ("Type A", "hepatitis a",
+    "vitamin A deficiency") when it ends the text, precedes ``or`` / ``and``, or is a capital inside a sentence."""
+    match = found[i]
+    if match.group(0).lower() != "a":
+        return True
+    if i + 1 == len(found) or found[i + 1].group(0).lower() in _AFTER_LETTER:
+        return False
+    if match.group(0) == "A":
+        before = text[: match.start()].rstrip()
+        return not before or before[-1] in ".!?:;(\n"  # a capital A opening a sentence is the article
+    return True
 
 
 def normalize_answer(text: object) -> str:
@@ -144,9 +165,10 @@ def option_letter(
 ) -> str | None:
     """The option a multiple-choice answer picks, or ``None`` when it picks none or is ambiguous.
 
-    Recognised: a bare letter (``"B"``, ``"(b)"``, ``"B."``), a leading ``"B: ..."`` / ``"B) ..."`` / ``"(b) ..."``,
-    ``"option B"`` / ``"choice b"`` / ``"the answer is B"``, a single ``"(B)"`` anywhere, and, failing those,
-    the text of exactly one choice (the whole answer, or one choice's words appearing in it). A lower-case ``a``
+    Recognised, in this order: a bare letter (``"B"``, ``"(b)"``, ``"B."``); the whole text of exactly one
+    choice; ``"the answer is (option) B"`` / ``"the correct option is B"`` (the last one); a leading ``"B: ..."`` /
+    ``"B) ..."`` / ``"(b) ..."``; ``"option B"`` / ``"choice b"``; a single ``"(B)"`` anywhere; and, failing those,
+    one choice's words appearing in the answer. A lower-case ``a``
     counts only where it cannot be the article.
     """
     raw = unicodedata.normalize("NFKC", str(text)).strip()
@@ -157,9 +179,18 @@ def option_letter(
     whole = re.search(rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$", raw)  # the whole answer is a letter
     if whole:
         return whole.group(1).upper()
-    # an explicit "answer is B" / "answer: (b)" outranks letters mentioned before it ("Option A is wrong; the
-    # answer is B", "A: no. The answer is B"); the last one is the conclusion
-    explicit = re.findall(rf"(?i:\banswer(?:\s+is)?)\s*[:\-]?\s*(?:\(([{up}{lo}])\)|([{up}])(?!\w))", raw)
+    pred = tokens(raw)
+    if choices:  # the answer is exactly one choice's text ("C. difficile colitis" is not option C)
+        exact = [k for k, v in choices if tokens(v) and tokens(v) == pred]
+        if len(exact) == 1:
+            return exact[0]
+    # an explicit "answer is B" / "answer: (b)" / "the correct option is B" outranks letters mentioned before it
+    # ("Option A is wrong; the answer is option B", "A: no. The answer is B"); the last one is the conclusion
+    explicit = re.findall(
+        rf"(?i:\b(?:answer|(?:correct|right|best)\s+(?:option|choice))(?:\s+is)?)\s*[:\-]?\s*"
+        rf"(?i:(?:option|choice)\s*)?(?:\(([{up}{lo}])\)|([{up}])(?!\w))",
+        raw,
+    )
     if explicit:
         return next(g for g in explicit[-1] if g).upper()
     rules = [
@@ -176,10 +207,6 @@ def option_letter(
     if len(bracketed) == 1:
         return bracketed.pop()
     if choices:
-        pred = tokens(raw)
-        exact = [k for k, v in choices if tokens(v) and tokens(v) == pred]
-        if len(exact) == 1:
-            return exact[0]
         found = [k for k, v in choices if contains_phrase(pred, tokens(v))]
         if len(found) == 1:
             return found[0]

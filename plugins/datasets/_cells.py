@@ -77,14 +77,14 @@ def float_list(value: Any, n: int | None, column: str) -> list[float]:
 def open_csv(path: Path) -> Iterator[dict[str, str]]:
     """Rows of a CSV file (``.csv`` or ``.csv.gz``) as dicts keyed by the header."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
         yield from csv.DictReader(text)
 
 
 def csv_header(path: Path) -> list[str]:
     """The header row of a (gzipped) CSV file."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
+    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
         return next(csv.reader(text), [])
 
 

@@ -83,7 +83,7 @@ class DicomFolder(Converter):
         root = Path(self.src)
         studies: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
         for path, ds, problem in self._headers():
-            rel = path.relative_to(root).with_suffix("").as_posix()
+            rel = _case_name(path.relative_to(root))
             if problem:
                 yield Reject(self.name, rel, problem)
             elif self.views == "single":
@@ -130,3 +130,12 @@ class DicomFolder(Converter):
 
 def register(registries: Any) -> None:
     registries.datasets.register_module(name=DicomFolder.name, module=DicomFolder)
+
+
+#: extensions DICOM files carry; anything else after a dot is part of the name (SOP Instance UIDs: 1.2.840...)
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dc3")
+
+
+def _case_name(rel: Path) -> str:
+    """A file's case id: its path below the source folder without a DICOM extension."""
+    return (rel.with_suffix("") if rel.suffix.lower() in _DICOM_SUFFIXES else rel).as_posix()

@@ -38,8 +38,11 @@ def _norm(key: str) -> str:
 def _differentials(value: Any) -> list[str]:
     if isinstance(value, list):
         return [clean_text(v) for v in value if clean_text(v)]
-    text = clean_text(value)
-    return [p.strip() for p in re.split(r"[;\n]|, (?=[A-Z])", text) if p.strip()] if text else []
+    if not clean_text(value):
+        return []
+    # split before whitespace is collapsed: a newline separates items as a semicolon does
+    parts = re.split(r"[;\n]|,[ \t]+(?=[A-Z])", str(value))
+    return [c for c in map(clean_text, parts) if c]
 
 
 class EuroradConverter(Converter):
@@ -86,12 +89,12 @@ class EuroradConverter(Converter):
         if src.is_dir():
             for path in sorted(src.glob("*.json")):
                 try:
-                    yield path.stem, json.loads(path.read_text(encoding="utf-8"))
+                    yield path.stem, json.loads(path.read_text(encoding="utf-8-sig"))
                 except json.JSONDecodeError as exc:
                     yield path.stem, f"{path.name}: not JSON ({exc.msg})"
             return
         try:
-            data = json.loads(src.read_text(encoding="utf-8"))
+            data = json.loads(src.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise LayoutError(f"eurorad: {src} is not valid JSON ({exc})") from None
         items = data.items() if isinstance(data, dict) else enumerate(data)

@@ -107,7 +107,7 @@ class LLDMMRI(Converter):
         if not path.is_file():
             raise LayoutError(f"lld_mmri: {path} not found; {self._layout()}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LayoutError(f"lld_mmri: {path} is not valid JSON ({exc}); {self._layout()}") from exc
         return data.get("Annotation_info") if isinstance(data, dict) else None
@@ -117,7 +117,7 @@ class LLDMMRI(Converter):
         if not path.is_file():
             return {}
         out = {}
-        for line in path.read_text(encoding="utf-8").splitlines():  # CRLF in one public copy
+        for line in path.read_text(encoding="utf-8-sig").splitlines():  # CRLF in one public copy
             parts = line.split()
             if len(parts) >= 2 and parts[1].lstrip("-").isdigit():
                 out[parts[0]] = int(parts[1])

@@ -106,7 +106,7 @@ class MamaMia(Converter):
 
     def _read_table(self, path: Path) -> Iterator[dict[str, Any]]:
         if path.suffix.lower() == ".csv":
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 yield from csv.DictReader(f)
             return
         try:

@@ -142,10 +142,14 @@ class PmcOaConverter(Converter):
         return self.root / PMC_CLIP_IMAGES
 
     def _packages(self) -> list[Path]:
-        """Article packages: extracted ``PMC<n>/`` folders, then ``PMC<n>.tar.gz`` archives anywhere below the
-        root (``oa_package/<xx>/<yy>/``) whose article has no extracted folder."""
-        folders = sorted(p for p in self.root.glob("PMC*") if p.is_dir() and any(p.glob("*.nxml")))
-        have = {p.name for p in folders}
+        """Article packages: extracted ``PMC<n>/`` folders, then ``PMC<n>.tar.gz`` archives whose article has no
+        extracted folder; both anywhere below the root (``oa_package/<xx>/<yy>/``), one per article."""
+        found: dict[str, Path] = {}
+        for p in sorted(self.root.rglob("PMC*")):
+            if p.is_dir() and p.name not in found and any(p.glob("*.nxml")):
+                found[p.name] = p
+        folders = sorted(found.values(), key=lambda p: p.name)
+        have = set(found)
         tars = {}
         for tar in sorted(self.root.rglob("PMC*.tar.gz")):
             pmcid = tar.name[: -len(".tar.gz")]
@@ -338,7 +342,7 @@ class PmcOaConverter(Converter):
             if selected is not None and pmcid not in selected:
                 continue
             try:
-                figures = json.loads(meta.read_text(encoding="utf-8"))
+                figures = json.loads(meta.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as exc:
                 yield Reject(self.name, pmcid, f"captions/{meta.name}: not JSON ({exc.msg})")
                 continue

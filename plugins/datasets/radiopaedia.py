@@ -154,7 +154,7 @@ class RadiopaediaConverter(Converter):
             for n, row in rows:
                 yield f"row {n + 1}", row
         elif path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if line.strip():
                     try:
                         yield f"line {n}", json.loads(line)
@@ -162,7 +162,7 @@ class RadiopaediaConverter(Converter):
                         yield f"line {n}", f"not JSON ({exc.msg})"
         else:
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as exc:
                 raise LayoutError(
                     f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file "
