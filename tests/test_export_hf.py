@@ -81,6 +81,19 @@ def test_prompt_expansion_matches_the_id_expansion(tmp_path):
     assert "LlavaForConditionalGeneration" in card and '("<image>" * 4 + "<image_newline>") * 4' in card
 
 
+def test_a_bf16_llava_export_says_bf16_in_every_config(tmp_path):
+    from safetensors import safe_open
+
+    model = H.make(H.mlp_config())
+    out = export_hf(model.save_pretrained(str(tmp_path / "ours")), tmp_path / "hf", fmt="llava", dtype="bf16")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == cfg["text_config"]["dtype"] == cfg["vision_config"]["dtype"] == "bfloat16"
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            assert {sf.get_slice(k).get_dtype() for k in sf.keys()} == {"BF16"}  # noqa: SIM118
+    assert LlavaForConditionalGeneration.from_pretrained(out).dtype == torch.bfloat16
+
+
 def test_models_llava_cannot_hold_are_refused_with_reasons(tmp_path):
     sva = H.make(H.sva_config())
     src = sva.save_pretrained(str(tmp_path / "sva"))

@@ -287,6 +287,9 @@ def test_bad_options_are_named(tmp_path):
         load_image(path, window="lungs")
     with pytest.raises(ValueError, match="window width must be > 0"):
         resolve_window((40, 0))
+    for bad in ((float("inf"), 1), (40, float("nan")), "1e999,400"):  # JSON's 1e999 parses as infinity
+        with pytest.raises(ValueError, match="a window's center and width must be finite numbers"):
+            resolve_window(bad)
     with pytest.raises(ImageLoadError, match="window='tags' but the header has no Window"):
         load_image(path, window="tags")
 

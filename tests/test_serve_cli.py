@@ -99,10 +99,16 @@ def test_batch_writes_one_result_per_line_and_resumes(folder, engine, tmp_path, 
     out.write_text("\n".join(kept) + '\n{"id": "q1", "ans')
     capsys.readouterr()
     main(["infer", "--model", folder, "--batch", str(batch), "--output", str(out), "--device", "cpu"])
-    assert "4 already answered" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # failed lines are tried again (an out-of-memory error need not be final): 2 answered, 3 to go
+    assert "retrying 2 line(s) that failed last time" in err and "2 already answered" in err
     again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in again].count("q1") == 1 and len(again) == 5
+    assert sorted(r["id"] for r in again) == sorted(rows) and len(again) == 5  # one line per id
     assert next(r for r in again if r["id"] == "q1")["answer"] == rows["q1"]["answer"]
+    (tmp_path / "missing.png").write_bytes(png_bytes(seed=2))  # the user fixes the bad line
+    main(["infer", "--model", folder, "--batch", str(batch), "--output", str(out), "--device", "cpu"])
+    final = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(final) == 5 and "answer" in final["bad"] and "error" in final["line-5"]
 
 
 def test_infer_reports_bad_input_clearly(folder, tmp_path, capsys):
@@ -161,6 +167,22 @@ def test_serving_commands_take_the_seed_flags():
     assert (api.host, api.port, api.api_key, api.allow_local_files) == ("127.0.0.1", 8000, "k", True)
     demo = parser.parse_args(["demo", "--model", "m"])
     assert (demo.host, demo.model) == ("127.0.0.1", "m")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["serve", "worker", "--model", "m"], "--heart-beat-interval"),
+        (["serve", "controller"], "--heart-beat-expiration"),
+        (["serve", "controller"], "--worker-timeout"),
+        (["serve", "controller"], "--max-body-mb"),
+    ],
+)
+def test_timings_and_sizes_must_be_positive(command, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, flag, "0"])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be > 0, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

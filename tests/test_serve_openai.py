@@ -221,6 +221,8 @@ def test_unknown_model_bad_json_and_bad_settings(server, client):
         client.chat.completions.create(model="tiny-a", messages=user("hi"), temperature=5)
     with pytest.raises(openai.BadRequestError, match="only n=1"):
         client.chat.completions.create(model="tiny-a", messages=user("hi"), n=2)
+    r = post(server, {"model": "tiny-a", "messages": user("hi"), "n": True})  # true == 1 in Python
+    assert r.status_code == 400 and "only n=1" in r.json()["error"]["message"]
     r = httpx.post(
         server.url + "/v1/chat/completions",
         content=b"{not json",

@@ -2,7 +2,7 @@
 
 Three modes: one ``--prompt`` (streams the answer), no prompt (an interactive chat; the images attach to the first
 turn), or ``--batch FILE.jsonl`` (one JSON result per input line, appended to ``--output`` as each finishes, so an
-interrupted run resumes where it stopped).
+interrupted run resumes where it stopped; lines that failed are tried again).
 
 Batch lines: ``{"id": "a1", "image": "scan.dcm" | ["a.png", "b.png"], "prompt": "...", "window": "lung",
 "slice_axis": "axial", "slice_index": 40, "max_new_tokens": 128, "temperature": 0}`` (only ``prompt`` is required;
@@ -51,7 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt", help="the question; without it (and without --batch) an interactive chat starts"
     )
-    p.add_argument("--batch", metavar="FILE.jsonl", help="answer every line of a JSONL file")
+    p.add_argument(
+        "--batch",
+        metavar="FILE.jsonl",
+        help="answer every line of a JSONL file (a rerun skips answered lines and retries failed ones)",
+    )
     p.add_argument("--output", metavar="OUT.jsonl", help="batch results (default: <batch>.results.jsonl)")
     p.add_argument(
         "--window", help=f"window for CT/MR: a preset ({', '.join(PRESETS)}), auto, or CENTER,WIDTH"
@@ -185,16 +189,25 @@ def _chat(engine: Any, images: list[Any], args: argparse.Namespace) -> int:
 
 
 def done_ids(path: Path) -> set[str]:
-    """Ids already answered in a results file; a cut-off last line (a crash mid-write) is removed."""
+    """Ids already answered in a results file. A cut-off last line (a crash mid-write) is removed, and so are
+    the lines of requests that failed (a bad image, an out-of-memory error): a rerun tries those again. The file
+    is rewritten atomically when anything is dropped."""
     if not path.exists():
         return set()
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    return {json.loads(line)["id"] for line in data.decode().splitlines() if line.strip()}
+    lines = data.decode().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = [(line, json.loads(line)) for line in lines if line.strip()]
+    kept = [line for line, row in rows if "error" not in row]
+    if "".join(kept).encode() != data:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+        failed = sum("error" in row for _, row in rows)
+        if failed:
+            print(f"retrying {failed} line(s) that failed last time", file=sys.stderr)
+    return {row["id"] for _, row in rows if "error" not in row}
 
 
 def _records(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:

@@ -6,6 +6,7 @@ values outside clipped. Named presets are the usual radiology display windows (H
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ def resolve_window(window: object) -> tuple[float, float] | str:
     """Normalise a window option: a preset name or ``(center, width)`` -> pair; a mode keyword -> itself.
 
     Raises:
-        ValueError: unknown preset / keyword, or a width that is not positive.
+        ValueError: unknown preset / keyword, a width that is not positive, or a value that is not finite.
     """
     if window is None:
         return "auto"
@@ -48,6 +49,8 @@ def resolve_window(window: object) -> tuple[float, float] | str:
         )
     if isinstance(window, Sequence) and len(window) == 2:
         center, width = (float(v) for v in window)
+        if not (math.isfinite(center) and math.isfinite(width)):
+            raise ValueError(f"a window's center and width must be finite numbers, got ({center}, {width})")
         if width <= 0:
             raise ValueError(f"window width must be > 0, got {width}")
         return center, width

@@ -154,9 +154,12 @@ def write_llava(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB
     vocab = max(embed.shape[0], image_id + 1, newline_id + 1)
     text_cfg = hf.config.to_dict()
     text_cfg["vocab_size"] = vocab
+    dtype_name = str(embed.dtype).removeprefix("torch.")  # what the weights are stored in (--dtype)
+    vision_cfg = tower.model.config.to_dict()
+    text_cfg["dtype"] = vision_cfg["dtype"] = dtype_name
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     config = LlavaConfig(
-        vision_config=tower.model.config.to_dict(),
+        vision_config=vision_cfg,
         text_config=text_cfg,
         image_token_index=image_id,
         image_seq_length=tower.token_len,
@@ -167,6 +170,7 @@ def write_llava(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB
         tie_word_embeddings=tied,
     )
     config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = dtype_name
     newline = model.image_newline.detach()
     state: dict[str, torch.Tensor] = {}
     state.update({f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()})

@@ -75,19 +75,19 @@ def controller_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatch-method", choices=DISPATCH_METHODS, default="shortest_queue")
     p.add_argument(
         "--heart-beat-expiration",
-        type=float,
+        type=positive_float,
         default=CONTROLLER_HEART_BEAT_EXPIRATION,
         help="drop a worker after this many seconds without a heartbeat (default %(default)s)",
     )
     p.add_argument(
         "--worker-timeout",
-        type=float,
+        type=positive_float,
         default=600.0,
         help="seconds to wait for a worker's next stream chunk before giving up (default %(default)s)",
     )
     p.add_argument(
         "--max-body-mb",
-        type=float,
+        type=positive_float,
         default=None,
         help="largest request body in MiB (default: what a worker with default image limits accepts)",
     )
@@ -129,7 +129,7 @@ def worker_arguments(p: argparse.ArgumentParser, seed_flags: bool = True) -> Non
     p.add_argument("--no-register", action="store_true", help="do not register with a controller")
     p.add_argument(
         "--heart-beat-interval",
-        type=float,
+        type=positive_float,
         default=WORKER_HEART_BEAT_INTERVAL,
         help="seconds between heartbeats (default %(default)s)",
     )

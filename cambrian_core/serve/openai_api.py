@@ -64,7 +64,8 @@ def parse_chat_request(
             raise RequestError(
                 f"`{key}` is not supported by this server", param=key, code="unsupported_parameter"
             )
-    if body.get("n", 1) not in (1, None):
+    n = body.get("n", 1)
+    if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError("only n=1 is supported", param="n", code="unsupported_parameter")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
