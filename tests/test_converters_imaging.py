@@ -151,6 +151,33 @@ def test_padchest_single_view(padchest_tree, tmp_path):
     assert png.shape == (*src16.shape, 3) and np.abs(png[..., 0] - expected).max() <= 1
 
 
+def test_padchest_suboptimal_study_is_image_quality_not_a_finding(padchest_tree):
+    src, pick, col, _ = padchest_tree
+    header = list(col)
+    conv = build(DATASETS, {"type": "padchest", "src": str(src)})
+
+    def case_with(labels: str):
+        row = dict(zip(header, pick["normal"], strict=True))
+        fields = conv._row({**row, "Labels": labels, "Localizations": "[]"})
+        return conv._case(fields["stem"], [fields])
+
+    alone = case_with("['suboptimal study']")  # 387 rows of the real CSV say only this
+    assert alone.labels["findings"] == [] and alone.labels["suboptimal_study"] is True
+    assert conv.caption(alone).endswith(
+        "No finding labels are recorded. The study is technically suboptimal."
+    )
+    qa = dict(conv.offline_qa(alone))
+    assert "Is this chest X-ray normal?" not in qa
+    assert qa["Is the image quality of this study optimal?"] == "No. It is a suboptimal study."
+    with_finding = case_with("['hypoexpansion', ' suboptimal study']")
+    assert dict(conv.offline_qa(with_finding))["Is this chest X-ray normal?"] == "No. It shows hypoexpansion."
+    normal = case_with("['normal', 'suboptimal study']")
+    assert dict(conv.offline_qa(normal))["Is this chest X-ray normal?"] == "Yes. No abnormality is reported."
+    plain = case_with("['normal']")
+    assert plain.labels["suboptimal_study"] is False
+    assert "Is the image quality of this study optimal?" not in dict(conv.offline_qa(plain))
+
+
 def test_padchest_multi_view_study(padchest_tree, tmp_path):
     src, pick, col, _ = padchest_tree
     _, records, _ = _run("padchest", src, tmp_path / "out", views="multi")

@@ -237,6 +237,7 @@ def test_keyword_classifier_and_domain() -> None:
     }
     assert medical_domain("Chest radiograph.")[0]
     assert medical_domain("Western blot of protein lysates")[0] is False
+    assert medical_domain("The team photo at the annual meeting")[1].startswith("names no imaging modality")
 
 
 @pytest.mark.parametrize(
@@ -256,7 +257,6 @@ def test_keyword_classifier_and_domain() -> None:
 )
 def test_body_part_keywords_match_whole_word_starts(caption: str, body_part: str) -> None:
     assert KeywordClassifier()(caption).body_part == body_part
-    assert medical_domain("The team photo at the annual meeting")[1].startswith("names no imaging modality")
 
 
 def test_mix_ratios_manifest_and_errors(tmp_path: Path) -> None:
@@ -298,6 +298,14 @@ def test_mix_ratios_manifest_and_errors(tmp_path: Path) -> None:
         == sum(isinstance(r, dict) for _, r in iter_records(pa))
     )
     assert (m5["sources"]["B"]["selected"], m5["sources"]["B"]["unique_selected"]) == (25, 10)
+    # ids stay unique over the whole mix: the same file under two names, and ids already ending in "~N"
+    twice = mix([MixInput("B", pb, 1), MixInput("again", pb, 1)], tmp_path / "m6.jsonl")
+    ids = [r["id"] for _, r in iter_records(tmp_path / "m6.jsonl")]
+    assert twice["total"] == 20 and len(set(ids)) == 20 and {f"b{i}~2" for i in range(10)} <= set(ids)
+    tilde = write(tmp_path / "b" / "t.jsonl", [rec(i, "y.png", "c", source="T") for i in ("t", "t~2", "t")])
+    mix([MixInput("T", tilde, 1)], tmp_path / "m7.jsonl")
+    ids = sorted(r["id"] for _, r in iter_records(tmp_path / "m7.jsonl"))
+    assert len(set(ids)) == 3 and {"t", "t~2"} < set(ids)  # the third is "t~3" or "t~2~2" (draw order)
     assert parse_mix_input("pmc=/data/pmc.jsonl:0.25") == MixInput("pmc", Path("/data/pmc.jsonl"), 0.25)
     assert parse_mix_input("x=C:/d/x.jsonl") == MixInput("x", Path("C:/d/x.jsonl"), 1.0)
     with pytest.raises(MixError, match="NAME=PATH"):

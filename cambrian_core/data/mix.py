@@ -115,6 +115,7 @@ def mix(
     counts = _counts(inputs, sizes, total)
     picked: list[dict[str, Any]] = []
     manifest_sources: dict[str, Any] = {}
+    used: set[str] = set()  # ids in the output: unique over every input (a repeat gets the first free "~N")
     for inp, pool, k in zip(inputs, pools, counts, strict=True):
         rng = random.Random(_seed(seed, inp.name))
         if k > len(pool) and not replace:
@@ -133,8 +134,14 @@ def mix(
             rec = dict(rec)
             rid = str(rec.get("id", ""))
             seen[rid] += 1
-            if seen[rid] > 1:
-                rec["id"] = f"{rid}~{seen[rid]}"
+            n = seen[rid]
+            new_id = rid if n == 1 else f"{rid}~{n}"
+            while new_id in used:
+                n += 1
+                new_id = f"{rid}~{n}"
+            used.add(new_id)
+            if new_id != rid:
+                rec["id"] = new_id
             rec["provenance"] = {**(rec.get("provenance") or {}), "mix_input": inp.name}
             picked.append(rec)
         manifest_sources[inp.name] = {

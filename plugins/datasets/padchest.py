@@ -48,6 +48,8 @@ PROJECTIONS = {
     "COSTAL": ("costal", "oblique (costal)"),
 }
 _DROP_LABELS = {"", "exclude"}
+#: labels about the image, not the patient: kept apart from the findings
+_QUALITY_LABELS = {"suboptimal study"}
 _SEX = {"M": "male", "F": "female"}
 
 
@@ -141,9 +143,9 @@ class PadChest(Converter):
             return Reject(self.name, stem, f"{image_id}: image not found under {self.image_root}")
         date = (row.get("StudyDate_DICOM") or "").strip()
         age = int(date[:4]) - int(birth) if birth is not None and date[:4].isdigit() else None
-        findings = (
-            None if labels is None else [x for x in dict.fromkeys(labels) if x.lower() not in _DROP_LABELS]
-        )
+        kept = None if labels is None else [x for x in dict.fromkeys(labels) if x.lower() not in _DROP_LABELS]
+        findings = None if kept is None else [x for x in kept if x.lower() not in _QUALITY_LABELS]
+        suboptimal = kept is not None and len(kept) > len(findings or [])
         report = "" if is_missing(row.get("Report")) else row["Report"].strip()
         invert = (row.get("PhotometricInterpretation_DICOM") or "").strip() == "MONOCHROME1"
         return {
@@ -153,6 +155,7 @@ class PadChest(Converter):
             "projection": projection,
             "invert": invert,
             "findings": findings,
+            "suboptimal": suboptimal,
             "localizations": [x.removeprefix("loc ").strip() for x in dict.fromkeys(locs) if x.strip()],
             "age": age if age is not None and 0 <= age <= 120 else None,
             "sex": _SEX.get((row.get("PatientSex_DICOM") or "").strip()),
@@ -180,6 +183,7 @@ class PadChest(Converter):
             "body_part": "chest",
             "projections": [f["projection"] for f in rows],
             "findings": findings,
+            "suboptimal_study": any(f["suboptimal"] for f in rows),
             "localizations": list(dict.fromkeys(x for f in rows for x in f["localizations"])),
             "age": first["age"],
             "sex": first["sex"],
@@ -221,13 +225,14 @@ class PadChest(Converter):
     @staticmethod
     def _findings_sentence(case: Case) -> str:
         findings = case.labels["findings"]
+        quality = " The study is technically suboptimal." if case.labels.get("suboptimal_study") else ""
         if findings == ["normal"]:
-            return "No abnormality is reported (normal study)."
+            return "No abnormality is reported (normal study)." + quality
         if not findings:
-            return "No finding labels are recorded."
+            return "No finding labels are recorded." + quality
         sentence = f"Findings: {_join([f for f in findings if f != 'normal'])}."
         locs = case.labels.get("localizations")
-        return sentence + (f" Location: {_join(locs)}." if locs else "")
+        return sentence + (f" Location: {_join(locs)}." if locs else "") + quality
 
     def caption(self, case: Case) -> str | None:
         if case.labels.get("findings") is None:
@@ -262,6 +267,8 @@ class PadChest(Converter):
             qa.append(("What are the findings?", f"{_join(real)[:1].upper()}{_join(real)[1:]}."))
             if case.labels.get("localizations"):
                 qa.append(("Where are the findings located?", f"{_join(case.labels['localizations'])}."))
+        if case.labels.get("suboptimal_study"):  # asked only where the label says so
+            qa.append(("Is the image quality of this study optimal?", "No. It is a suboptimal study."))
         return qa
 
 
