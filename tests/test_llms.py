@@ -212,6 +212,19 @@ def test_bad_configs(kwargs, match):
         build(LLMS, {"type": "llama3", **cfg})
 
 
+@pytest.mark.parametrize(
+    ("family", "template", "marker"),
+    [("vicuna", "llama_3", "<|eot_id|>"), ("llama3", "chatml_direct", "<|im_start|>")],
+)
+def test_a_template_whose_markers_the_tokenizer_splits_is_refused(family, template, marker):
+    with pytest.raises(
+        ValueError,
+        match=rf"chat template '{template}' needs its markers as single tokens.*{re.escape(repr(marker))} -> \d+ pieces.*template='hf_chat'",
+    ):
+        tiny(family, template=template)
+    assert tiny(family).template.token_problems(tiny(family).tokenizer) == []  # its own template fits
+
+
 def test_vocab_smaller_than_tokenizer_is_refused():
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         tiny("llama3", config={"hidden_size": 32, "num_hidden_layers": 1, "vocab_size": 10})

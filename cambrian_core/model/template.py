@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["IMAGE_TOKEN", "ChatTemplate", "Message", "Segment"]
 
@@ -44,6 +44,8 @@ class ChatTemplate(abc.ABC):
     name: str = ""
     #: whether the tokenizer must add BOS itself (False when the rendered text already contains it)
     add_bos: bool = True
+    #: markers the rendered text uses that the LLM's tokenizer must hold as single (special) tokens
+    special_tokens: tuple[str, ...] = ()
     default_system: str = ""
 
     def __init__(self, system: str | None = None) -> None:
@@ -57,6 +59,16 @@ class ChatTemplate(abc.ABC):
     @abc.abstractmethod
     def stop_strings(self) -> list[str]:
         """Strings that end an assistant turn (generation stops on them)."""
+
+    def token_problems(self, tokenizer: Any) -> list[str]:
+        """The :attr:`special_tokens` that ``tokenizer`` splits into several pieces (it was trained with another
+        template, so its prompts and stops would be plain text), as ``"'<|eot_id|>' -> 7 pieces"``."""
+        out = []
+        for marker in self.special_tokens:
+            ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                out.append(f"{marker!r} -> {len(ids)} pieces")
+        return out
 
     def render_text(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         """The rendered conversation as one string."""

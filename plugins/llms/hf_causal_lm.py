@@ -167,6 +167,13 @@ class HFCausalLM(LanguageModel):
         if spec is None:
             raise ValueError(f"{type(self).__name__}: choose a chat template with `template=`")
         chat = build_template(spec, tokenizer, system, cambrian1_compat)
+        split = chat.token_problems(tokenizer)
+        if split:
+            raise ValueError(
+                f"{type(self).__name__}: chat template {chat.name!r} needs its markers as single tokens, but this "
+                f"tokenizer splits them ({'; '.join(split)}): it was trained with another format. Use the LLM's own "
+                "template (`template='hf_chat'` renders the tokenizer's chat_template)"
+            )
         super().__init__(model, tokenizer, chat)
         self._rebuild = dict(
             template=spec if isinstance(spec, (str, Mapping)) else spec.name,

@@ -124,6 +124,7 @@ class Llama3Template(CambrianTemplate):
 
     name = "llama_3"
     compat_system = CAMBRIAN_SYSTEM_LLAMA3
+    special_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
     def __init__(self, system: str | None = None, cambrian1_compat: bool = False) -> None:
         super().__init__(system, cambrian1_compat)
@@ -191,6 +192,7 @@ class ChatMLTemplate(CambrianTemplate):
 
     name = "chatml_direct"
     compat_system = CAMBRIAN_SYSTEM
+    special_tokens = ("<|im_start|>", "<|im_end|>")
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> list[Segment]:
         system, turns = self._split(messages)
