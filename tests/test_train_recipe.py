@@ -250,6 +250,35 @@ def test_packing_gives_the_unpacked_loss(records: Path, tmp_path: Path) -> None:
         assert value == pytest.approx(result["padded", False], rel=1e-5)
 
 
+def test_dry_run_check_pixels_names_truncated_image_data(
+    records: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(records.parent, data)
+    png = data / "images" / "2.png"
+    png.write_bytes(png.read_bytes()[:120])  # the header reads, the pixel data is cut short
+    cfg = dump(train_cfg(data / records.name, tmp_path / "w"), tmp_path / "tiny.py")
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(cfg), "--dry-run"]) == 0
+    said = [r.getMessage() for r in caplog.records if "dry run:" in r.getMessage()]
+    assert any(re.fullmatch(r"== dry run: all \d+ training samples pass the data checks", m) for m in said)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(cfg), "--dry-run", "--check-pixels"]) == 0
+    said = [r.getMessage() for r in caplog.records if "dry run:" in r.getMessage()]
+    line = next(
+        n for n, x in enumerate((data / records.name).read_text().splitlines(), 1) if "images/2.png" in x
+    )
+    assert any(
+        "1 of" in m and f"unreadable image x1 ({data / records.name} line {line}: " in m for m in said
+    ), said
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--check-pixels"]) == 2
+    assert "--check-pixels goes with --dry-run" in capsys.readouterr().err
+
+
 def test_cli_dry_run_errors_and_launchers(
     records: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:

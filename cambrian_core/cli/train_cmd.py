@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run checks and setup, print the plan, check every sample (no pixels decoded) and name those "
         "training would skip, with file and line; do not train",
     )
+    p.add_argument(
+        "--check-pixels",
+        action="store_true",
+        help="with --dry-run: also decode every image, so truncated pixel data is named too (slower)",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,6 +65,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         out += ["--resume", args.resume]
     if args.dry_run:
         out.append("--dry-run")
+    if getattr(args, "check_pixels", False):
+        out.append("--check-pixels")
     return out
 
 
@@ -85,6 +92,12 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "check_pixels", False) and not args.dry_run:
+        print(
+            "error: --check-pixels goes with --dry-run (a training run skips and reports such images itself)",
+            file=sys.stderr,
+        )
+        return 2
     if args.launcher == "none" and args.nproc != 1 and "RANK" not in os.environ:
         print(
             f"error: --nproc {args.nproc} starts processes only with a launcher: add --launcher torchrun "
@@ -103,7 +116,14 @@ def run(args: argparse.Namespace) -> int:
     from cambrian_core.train.recipe import TrainRecipe
 
     cfg = load_config(args.config, args.cfg_options)
-    summary = TrainRecipe(cfg, args.config, args.work_dir, args.resume, args.dry_run).run()
+    summary = TrainRecipe(
+        cfg,
+        args.config,
+        args.work_dir,
+        args.resume,
+        args.dry_run,
+        check_pixels=getattr(args, "check_pixels", False),
+    ).run()
     if int(os.environ.get("RANK", 0)) == 0:
         losses = summary["losses"]
         last = f", last loss {losses[-1]:.4f}" if losses else ""

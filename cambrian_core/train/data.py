@@ -325,11 +325,20 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
                 remaining -= len(chunk)
         return f"{path} line {newlines + 1}"
 
-    def check(self, i: int) -> Skipped | None:
+    def check(self, i: int, decode: bool = False) -> Skipped | None:
         """Why sample ``i`` would be skipped, or ``None``: every check of ``__getitem__`` that needs no pixel data
-        (the record, its images' existence and headers, the target mask, truncation)."""
+        (the record, its images' existence and headers, the target mask, truncation); with ``decode`` also the
+        images' pixel data, where training decodes it (not when features come from a cache)."""
         got = self._prepare(i)
-        return got if isinstance(got, Skipped) else None
+        if isinstance(got, Skipped):
+            return got
+        if decode and self.feature_caches is None and self.transforms:
+            try:
+                for im in got.images[: got.kept]:
+                    im.load()
+            except Exception as exc:  # truncated or corrupt pixel data, as __getitem__ would meet it
+                return Skipped(i, "unreadable image", f"{exc}"[:160])
+        return None
 
     def _prepare(self, i: int) -> _Prepared | Skipped:
         try:

@@ -133,6 +133,7 @@ class TrainRecipe:
         work_dir: output folder (default: ``cfg.work_dir``, else ``work_dirs/<config name>``).
         resume: ``auto`` (newest complete checkpoint, if any), a checkpoint folder, or ``None``.
         dry_run: stop after setup (prints the plan: trainable modules, data, steps, lrs).
+        check_pixels: the dry run's data check also decodes every image (slower; finds truncated pixel data).
     """
 
     def __init__(
@@ -142,8 +143,10 @@ class TrainRecipe:
         work_dir: str | os.PathLike | None = None,
         resume: str | None = None,
         dry_run: bool = False,
+        check_pixels: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.check_pixels = check_pixels
         self.config_path = Path(config_path) if config_path else None
         name = self.config_path.stem if self.config_path else "run"
         self.work_dir = Path(work_dir or cfg.get("work_dir") or Path("work_dirs") / name)
@@ -187,8 +190,8 @@ class TrainRecipe:
         Each rank checks every ``world_size``-th sample; one all-reduce of per-sample reason codes brings the
         verdicts to rank 0, which re-reads a few examples per reason for their details and announces. The
         skipped samples are added to ``self.skips`` on rank 0 (so the run's summary has the counts). Pixel
-        data is not decoded: an image whose header is fine but whose data is truncated is still only found
-        (and skipped) when training reads it.
+        data is decoded only with ``check_pixels`` (``--check-pixels``): otherwise an image whose header is fine
+        but whose data is truncated is only found (and skipped) when training reads it.
         """
         from tqdm.auto import tqdm
 
@@ -202,7 +205,7 @@ class TrainRecipe:
                 f" (1/{r.world_size} per rank)" if r.world_size > 1 else ""
             )
             for i in tqdm(mine, desc=desc, unit="sample", leave=False, disable=not r.is_main):
-                skipped = ds.check(i)
+                skipped = ds.check(i, decode=self.check_pixels)
                 if skipped is not None:
                     codes[i] = skip_code(skipped.reason)
             codes = r.all_reduce(codes)  # each sample was checked by exactly one rank
@@ -213,7 +216,9 @@ class TrainRecipe:
             for i in codes.nonzero().flatten().tolist():
                 code = int(codes[i])
                 if code not in labels or report.counts[labels[code]] < report.keep:
-                    skipped = ds.check(i) or Skipped(i, "not skipped when read again")  # the details, here
+                    skipped = ds.check(i, decode=self.check_pixels) or Skipped(
+                        i, "not skipped when read again"
+                    )  # the details, here
                     labels.setdefault(code, skipped.reason)
                 else:
                     skipped = Skipped(i, labels[code])
