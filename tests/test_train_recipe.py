@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import dump, run, tiny_model_cfg, train_cfg, write_dataset
+from _train_fixtures import dump, losses, run, tiny_model_cfg, train_cfg, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -170,6 +170,42 @@ def test_qlora_trains_adapters_over_4bit_layers(records: Path, tmp_path: Path, d
 
 def _trainable(out: dict) -> dict[str, torch.Tensor]:
     return load_file(str(Path(out["last_checkpoint"]) / "trainable.safetensors"))
+
+
+def test_a_fresh_run_sets_an_earlier_runs_outputs_aside(records: Path, tmp_path: Path) -> None:
+    first = run(train_cfg(records, tmp_path, schedule={"max_steps": 6}, checkpoint={"interval": 2}))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == [
+        "step_00000004",
+        "step_00000006",
+    ]
+    second = run(
+        train_cfg(
+            records, tmp_path, optim={"lr": 5e-2}, schedule={"max_steps": 2}, checkpoint={"interval": 2}
+        )
+    )
+    # its own step 2 is kept (not pruned in favour of the old steps 4 and 6), and auto-resume finds it
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+    assert len(losses(tmp_path)) == 2 and losses(tmp_path) == second["losses"]  # metrics of this run only
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert losses(previous) == first["losses"]
+    assert "an earlier run's checkpoints, metrics.jsonl moved to" in (tmp_path / "train.log").read_text()
+    resumed = run(
+        train_cfg(
+            records, tmp_path, optim={"lr": 5e-2}, schedule={"max_steps": 3}, checkpoint={"interval": 2}
+        ),
+        resume="auto",
+    )
+    assert resumed["losses"][:2] == second["losses"] and len(list((tmp_path / "previous").iterdir())) == 1
+
+
+def test_each_run_logs_to_its_own_train_log(records: Path, tmp_path: Path) -> None:
+    run(train_cfg(records, tmp_path / "one", schedule={"max_steps": 1}))
+    run(train_cfg(records, tmp_path / "two", schedule={"max_steps": 1}))
+    assert str(tmp_path / "two") not in (tmp_path / "one" / "train.log").read_text()
+    assert not [
+        h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").endswith("train.log")
+    ]
 
 
 def test_grad_accum_equals_one_larger_batch(records: Path, tmp_path: Path) -> None:
@@ -437,7 +473,24 @@ def test_compile_connector_is_applied_before_training(
         )
 
 
-def test_eval_section_scores_a_vqa_dev_split_during_training(records: Path, tmp_path: Path) -> None:
+def test_eval_section_scores_a_vqa_dev_split_during_training(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cambrian_core.eval.hook import EvalHook
+
+    modes: list[bool] = []
+    real = EvalHook.__call__
+
+    def spy(self, model, step, logger=None):  # the answers are generated without dropout
+        modes.append(model.training)
+        return real(self, model, step, logger)
+
+    monkeypatch.setattr(EvalHook, "__call__", spy)
+    trained = []
+    real_forward = Runner.forward
+    monkeypatch.setattr(
+        Runner, "forward", lambda self, b: trained.append(self.model.training) or real_forward(self, b)
+    )
     out = run(
         train_cfg(
             records,
@@ -461,6 +514,7 @@ def test_eval_section_scores_a_vqa_dev_split_during_training(records: Path, tmp_
     assert [r["step"] for r in vqa] == [2, 4]
     assert {"jsonl/open_f1", "jsonl/open_recall", "jsonl/llava_med_open_recall"} <= set(vqa[0])
     assert all(0.0 <= r["jsonl/open_f1"] <= 1.0 and r["jsonl/failed"] == 0.0 for r in vqa)
+    assert modes == [False, False] and trained == [True] * 4  # eval mode for the answers, train mode after
 
 
 def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> None:

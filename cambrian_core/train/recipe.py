@@ -167,6 +167,15 @@ class TrainRecipe:
     # =============================================================================================== run
     def run(self) -> dict[str, Any]:
         """checks -> setup -> train -> cleanup; returns a summary (steps, last loss, paths)."""
+        try:
+            return self._run()
+        finally:
+            handler = getattr(self, "_log_handler", None)
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+    def _run(self) -> dict[str, Any]:
         self.checks()
         self.setup()
         if self.dry_run:
@@ -370,6 +379,7 @@ class TrainRecipe:
         handler = logging.FileHandler(self.work_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
+        self._log_handler = handler  # removed when the run ends (a second run in the process logs elsewhere)
         logging.getLogger().setLevel(logging.INFO)
         if hasattr(self.cfg, "dump"):
             self.cfg.dump(str(self.work_dir / "config.py"))
@@ -640,6 +650,7 @@ class TrainRecipe:
         if folder is None:
             if self.resume not in (None, False, "", "none"):
                 self.announce("setup: --resume auto found no complete checkpoint; starting from step 0")
+            self._set_aside_earlier_run()
             return
         self.announce(f"setup: resuming from {folder}")
         r.load_state(folder)
@@ -654,6 +665,30 @@ class TrainRecipe:
         self.last_eval_step = int(state.get("last_eval_step", self.last_eval_step))
         rng = folder / f"rng_rank{r.rank}.pt"
         self.resume_rng = torch.load(rng, weights_only=True) if rng.is_file() else None
+
+    #: what a run leaves in its work dir that a new run from step 0 would mix with its own
+    _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "vqa_eval", "lora_adapter")
+
+    def _set_aside_earlier_run(self) -> None:
+        """A run from step 0 in a work dir that holds an earlier run's checkpoints and metrics moves them to
+        ``previous/<time>/`` first: its checkpoint rotation would otherwise delete its own newer checkpoints
+        (lower step numbers) and keep the old run's, and ``--resume auto`` would continue the wrong run."""
+        r = self.runner
+        if r.is_main and not self.dry_run:
+            ckpts = self.work_dir / "checkpoints"
+            found = [n for n in self._RUN_OUTPUTS if (self.work_dir / n).exists()]
+            if (ckpts.is_dir() and any(ckpts.iterdir())) or "metrics.jsonl" in found:
+                dest = self.work_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+                while dest.exists():
+                    dest = dest.with_name(dest.name + "+")
+                dest.mkdir(parents=True)
+                for name in found:
+                    os.replace(self.work_dir / name, dest / name)
+                self.announce(
+                    f"setup: an earlier run's {', '.join(found)} moved to {dest} (this run starts at step 0; "
+                    "pass --resume auto to continue a run instead)"
+                )
+        r.barrier()
 
     # =============================================================================================== train
     def _windows(self) -> Iterator[list[dict[str, Any]]]:
@@ -839,7 +874,12 @@ class TrainRecipe:
             return
         model = self.runner.eval_model(self._adapt())  # collective on sharded runners
         if model is not None:  # the main rank
-            values = self.vqa_hook(model, self.step, self.logger)
+            was_training = model.training
+            model.eval()  # no dropout (LoRA's, the LLM's) in the answers; the live model trains again after
+            try:
+                values = self.vqa_hook(model, self.step, self.logger)
+            finally:
+                model.train(was_training)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items()))
             self.logger.message(f"step {self.step}: {shown}")
             self.history.append({"step": self.step, **{f"vqa/{k}": v for k, v in values.items()}})
