@@ -240,6 +240,24 @@ def test_sampler_groups_by_length_splits_ranks_and_resumes() -> None:
         GroupedBatchSampler([5, 6, 7], 4, world_size=2)
 
 
+def test_the_samples_an_epoch_leaves_out_are_random_not_the_shortest() -> None:
+    lengths = np.arange(100, 220)  # 120 samples, one modality: 8 are left out each epoch (global batch 16)
+    s = GroupedBatchSampler(lengths, 8, world_size=2, rank=0, seed=1)
+    other = GroupedBatchSampler(lengths, 8, world_size=2, rank=1, seed=1)
+    assert s.left_out() == {"image": 0, "text": 8}
+    seen: set[int] = set()
+    for epoch in range(6):
+        s.set_epoch(epoch)
+        other.set_epoch(epoch)
+        used = {i for b in [*s, *other] for i in b}
+        assert len(used) == 112
+        seen |= used
+    assert (
+        len(seen) == 120
+    )  # every sample trains in some epoch; the 8 shortest are not always the ones left out
+    assert GroupedBatchSampler(lengths, 8, drop_last=False).left_out() == {"image": 0, "text": 0}
+
+
 def test_an_unpadded_sampler_gives_every_sample_once() -> None:
     has_image = np.array([True, True, False, True, False])
     padded = list(

@@ -503,6 +503,21 @@ class TrainRecipe:
         except ValueError as exc:  # too few usable samples: a problem of data.train, said as one
             where = str(self.config_path) if self.config_path else None
             raise ConfigError([Problem("data.train", f"{d.train}: {exc}")], where) from None
+        left = self.sampler.left_out()
+        if any(left.values()):
+            gb = self.sampler.global_batch
+            counts = {"image": int(self.sampler.has_image.sum())}
+            counts["text"] = len(self.sampler.has_image) - counts["image"]
+            parts = [
+                f"{n} of {counts[kind]} {kind} sample(s)"
+                + (" (all of them: fewer than one batch)" if n == counts[kind] else "")
+                for kind, n in left.items()
+                if n
+            ]
+            self.announce(
+                f"setup: batches hold one modality each, so every epoch leaves out {' and '.join(parts)} at "
+                f"random (the remainders of a global batch of {gb})"
+            )
         collate = Collator(model.llm.tokenizer.pad_token_id, d.packing, d.max_length, d.pad_to_multiple_of)
         self.collate = collate
         self.loader = self._loader(self.train_set, self.sampler)
@@ -667,7 +682,14 @@ class TrainRecipe:
         self.resume_rng = torch.load(rng, weights_only=True) if rng.is_file() else None
 
     #: what a run leaves in its work dir that a new run from step 0 would mix with its own
-    _RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss_curve.png", "tensorboard", "vqa_eval", "lora_adapter")
+    _RUN_OUTPUTS = (
+        "checkpoints",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "tensorboard",
+        "vqa_eval",
+        "lora_adapter",
+    )
 
     def _set_aside_earlier_run(self) -> None:
         """A run from step 0 in a work dir that holds an earlier run's checkpoints and metrics moves them to

@@ -94,6 +94,15 @@ class GroupedBatchSampler:
         self.epoch = epoch
         self.start_batch = 0
 
+    def left_out(self) -> dict[str, int]:
+        """Samples each epoch leaves out with ``drop_last``, by modality (``{"image": n, "text": m}``): the
+        remainder of each modality's count modulo the global batch, drawn at random every epoch."""
+        if not self.drop_last:
+            return {"image": 0, "text": 0}
+        n_img = int(self.has_image.sum())
+        n_txt = len(self.has_image) - n_img
+        return {"image": n_img % self.global_batch, "text": n_txt % self.global_batch}
+
     def state_dict(self, consumed_batches: int) -> dict[str, int]:
         """Position to resume from: the epoch and how many of its batches the trainer has consumed."""
         return {"epoch": self.epoch, "consumed_batches": consumed_batches, "seed": self.seed}
@@ -113,6 +122,10 @@ class GroupedBatchSampler:
         batches: list[np.ndarray] = []
         for modality in (True, False):
             idx = order[self.has_image[order] == modality]
+            if (
+                self.drop_last
+            ):  # the remainder left out is random (a fresh draw each epoch), never the shortest
+                idx = idx[: len(idx) - len(idx) % gb]
             if self.group_by_length and len(idx):
                 mega = gb * self.megabatch_mult
                 for start in range(0, len(idx), mega):
