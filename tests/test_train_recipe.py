@@ -208,6 +208,19 @@ def test_each_run_logs_to_its_own_train_log(records: Path, tmp_path: Path) -> No
     ]
 
 
+def test_a_window_whose_samples_were_all_skipped_is_no_update(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", n=8, text_only_every=0)
+    (tmp_path / "data" / "images" / "3.png").unlink()  # batch_size 1: that window has nothing to train on
+    out = run(train_cfg(data, tmp_path / "w", data={"batch_size": 1}, schedule={"max_steps": 8}))
+    assert out["step"] == 8 and len(out["losses"]) == 8 and min(out["losses"]) > 1.0  # no 0.0 loss logged
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    for p in (tmp_path / "data" / "images").iterdir():  # nothing usable at all: said, not looped over
+        p.unlink()
+    with pytest.raises(RuntimeError, match=r"no usable sample in \d+ windows in a row .*missing image"):
+        run(train_cfg(data, tmp_path / "w2", data={"batch_size": 1}, schedule={"max_steps": 8}))
+
+
 def test_grad_accum_equals_one_larger_batch(records: Path, tmp_path: Path) -> None:
     def train(batch: int, accum: int) -> dict:  # one update over the whole epoch: the order cannot matter
         return run(

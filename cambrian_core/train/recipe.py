@@ -739,9 +739,20 @@ class TrainRecipe:
         self.fallback: dict[bool, dict[str, Any]] = {}  # the last usable micro-batch with / without images
         self.consumed = self.sampler.start_batch
         windows = self._windows()
+        empty = 0  # windows in a row whose samples were all skipped
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            totals, grad_norm = self._update(next(windows))
+            done = self._update(next(windows))
+            if done is None:
+                empty += 1
+                if empty > self.updates_per_epoch:
+                    raise RuntimeError(
+                        f"no usable sample in {empty} windows in a row (a whole epoch): {self.skips.details()}; "
+                        "`cambrian train CONFIG --dry-run` lists every sample training skips"
+                    )
+                continue
+            empty = 0
+            totals, grad_norm = done
             self.step += 1
             self._report(totals, grad_norm, time.perf_counter() - t0)
             if self.sched.eval_interval and self.step % self.sched.eval_interval == 0:
@@ -749,12 +760,14 @@ class TrainRecipe:
             if self.step % self.ckpt.interval == 0 and self.step < self.total_steps:
                 self.save()
 
-    def _update(self, window: list[dict[str, Any]]) -> tuple[torch.Tensor, float]:
+    def _update(self, window: list[dict[str, Any]]) -> tuple[torch.Tensor, float] | None:
         """Forward / backward every micro-batch of ``window``, then one optimiser step.
 
         Each micro-batch weighs its share of the update's target tokens over all ranks (ranks' gradients are
         averaged, hence the world size), so the update equals one big batch's token-mean loss. Returns the
-        rank-summed ``[loss x targets, targets, tokens, samples, flops]`` and the gradient norm.
+        rank-summed ``[loss x targets, targets, tokens, samples, flops]`` and the gradient norm, or ``None``
+        when every sample of the window was skipped (no step is taken: the optimiser's momentum and weight
+        decay would still move the weights, and the schedule would advance).
         """
         r = self.runner
         for b in window:
@@ -762,6 +775,8 @@ class TrainRecipe:
                 self.skips.add(sk)
         local_targets = sum(b.get("num_target_tokens", 0) for b in window)
         total_targets = float(r.all_reduce(torch.tensor([float(local_targets)]))[0]) / r.world_size
+        if not total_targets:  # every sample of the window was skipped, on every rank: no update
+            return None
         loss_sum, tokens, samples, flops = 0.0, 0, 0, 0.0
         for k, batch in enumerate(window):
             weight = batch.get("num_target_tokens", 0) / total_targets if total_targets else 0.0
