@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,45 @@ def test_fsdp_on_one_gpu_with_nccl(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/1 on cuda:0" in proc.stderr
     assert len(losses(tmp_path / "w")) == 3
+
+
+def test_the_fp16_loss_scale_survives_a_resume(tmp_path: Path) -> None:
+    # fp16 needs CUDA, so the scaler is attached by hand, as Runner.prepare does for precision="fp16"
+    script = f"""
+import os, torch
+from pathlib import Path
+from torch import nn
+from cambrian_core.train.optim import build_scheduler
+from cambrian_core.train.runners.fsdp import FSDPRunner
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleList()
+        self.llm = nn.Module()
+        self.llm.decoder_layers = nn.ModuleList([nn.Linear(4, 4)])
+
+def make():
+    r = FSDPRunner(device="cpu")
+    r.setup()
+    r.prepare(Tiny(), lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-3),
+              lambda o: build_scheduler(o, 10), "fp32")
+    r.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    return r
+
+r = make()
+r.scaler.scale(torch.ones(()))
+r.scaler.update(new_scale=1024.0)  # after overflow back-offs
+r.save_state(Path({str(tmp_path)!r}))
+again = make()
+again.load_state(Path({str(tmp_path)!r}))
+print("scale after resume", again.scaler.get_scale())
+torch.distributed.destroy_process_group()
+"""
+    env = {**subprocess_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "scale after resume 1024.0" in proc.stdout

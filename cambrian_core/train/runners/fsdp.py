@@ -117,7 +117,12 @@ class FSDPRunner(Runner):
         if self.is_main:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "trainable.safetensors"))
             torch.save(
-                {"optimizer": optim, "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt"
+                {
+                    "optimizer": optim,
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                },
+                folder / "optimizer.pt",
             )
 
     def load_state(self, folder: Path) -> None:
@@ -129,6 +134,8 @@ class FSDPRunner(Runner):
             self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
         )
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):  # fp16: the loss scale goes on where it was
+            self.scaler.load_state_dict(state["scaler"])
 
     def gather_model(self, adapt: Adapt = None) -> nn.Module | None:
         """An unsharded CPU copy of the model on the main rank (collective)."""
