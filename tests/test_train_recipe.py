@@ -86,6 +86,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert done == ["step_00000002"]
 
 
+def test_an_infinite_gradient_stops_before_the_update(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Runner.backward
+    calls = {"n": 0}
+
+    def overflowing(self: Runner, loss: torch.Tensor, last_micro: bool = True) -> None:
+        real(self, loss, last_micro)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the loss was finite; one gradient overflowed in backward
+            p = next(p for p in self.model.parameters() if p.grad is not None)
+            p.grad[0] = float("inf")
+
+    monkeypatch.setattr(Runner, "backward", overflowing)
+    cfg = train_cfg(records, tmp_path, schedule={"clip_grad": 1.0}, checkpoint={"interval": 2})
+    with pytest.raises(
+        NonFiniteLossError, match=r"the gradient norm is inf at step 3; stopped before applying"
+    ):
+        run(cfg)
+    weights = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "trainable.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert not (tmp_path / "checkpoints" / "step_00000003").exists()
+
+
 def test_lora_finetune_trains_adapters_and_exports_merged(records: Path, tmp_path: Path) -> None:
     cfg = train_cfg(
         records,

@@ -50,9 +50,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_finite(
-    loss: float, step: int, last_checkpoint: str | os.PathLike | None, indices: Any = None
+    loss: float,
+    step: int,
+    last_checkpoint: str | os.PathLike | None,
+    indices: Any = None,
+    what: str = "loss",
 ) -> None:
-    """Raise :class:`NonFiniteLossError` naming the step, the batch and the last good checkpoint."""
+    """Raise :class:`NonFiniteLossError` naming the step, the batch and the last good checkpoint (``what``: the
+    value that went bad, the loss or the gradient norm)."""
     if math.isfinite(loss):
         return
     where = f" (sample indices {list(indices)[:16]})" if indices is not None else ""
@@ -62,7 +67,7 @@ def check_finite(
         else "no checkpoint was written yet"
     )
     raise NonFiniteLossError(
-        f"loss is {loss} at step {step}{where}; stopped before applying the update, so the weights are unchanged "
+        f"{what} is {loss} at step {step}{where}; stopped before applying the update, so the weights are unchanged "
         f"and {keep}. Usual causes: a learning rate too high for this batch size (try optim.scale_lr_by_batch or a "
         f"lower optim.lr), fp16 overflow (use schedule.precision='bf16'), or a broken sample."
     )

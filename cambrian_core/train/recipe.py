@@ -60,6 +60,7 @@ from cambrian_core.train.metrics import (
     plot_loss_curve,
 )
 from cambrian_core.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+from cambrian_core.train.runners.base import NonFiniteGradError
 from cambrian_core.train.sampler import GroupedBatchSampler
 
 __all__ = ["ImageTokenCounter", "RecordTokenizer", "TrainRecipe", "seed_everything"]
@@ -809,7 +810,10 @@ class TrainRecipe:
                     n_img = len(batch["image_sizes"])
                     flops += self.flops.step_flops(batch["num_tokens"], batch["sample_lengths"], n_img, head)
         self.applied_lr = max(r.current_lrs().values())  # what this update uses: step() moves the schedule on
-        grad_norm = r.step()
+        try:
+            grad_norm = r.step()
+        except NonFiniteGradError as exc:  # a finite loss whose backward overflowed (bf16, a bad sample)
+            check_finite(exc.norm, self.step + 1, self.last_checkpoint, what="the gradient norm")
         totals = r.all_reduce(
             torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
         )

@@ -9,6 +9,7 @@ checkpoint that depend on them (full trainable weights, optimiser state). Runner
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 
 from cambrian_core.model.encoder import StagedTokens
 
-__all__ = ["PRECISIONS", "Runner", "move_to", "rebuild_with", "save_final"]
+__all__ = ["PRECISIONS", "NonFiniteGradError", "Runner", "move_to", "rebuild_with", "save_final"]
 
 Adapt = Callable[[nn.Module], None] | None
 Finalize = Callable[[nn.Module], bool] | None
@@ -41,6 +42,14 @@ def move_to(batch: Any, device: torch.device, float_dtype: torch.dtype | None = 
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device, float_dtype) for v in batch)
     return batch
+
+
+class NonFiniteGradError(FloatingPointError):
+    """The gradient norm of an update is inf or NaN (the loss was finite); the update was not applied."""
+
+    def __init__(self, norm: float) -> None:
+        super().__init__(f"gradient norm is {norm}")
+        self.norm = norm
 
 
 class Runner:
@@ -189,6 +198,9 @@ class Runner:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = self.clip_and_norm()
+        if self.scaler is None and not math.isfinite(norm):  # fp16's scaler skips such a step itself
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradError(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
