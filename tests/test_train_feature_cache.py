@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -222,3 +223,21 @@ def test_sva_trains_on_cached_stages_with_the_losses_of_the_live_tower(
     assert cached["losses"] == pytest.approx(live["losses"], rel=2e-3)
     log = (tmp_path / "cached" / "train.log").read_text()
     assert re.search(r"building 16 of 16 images x stages \[\[\d+, 4, 4\], \[\d+, 2, 2\]\] bf16 = ", log), log
+
+
+def test_an_image_that_does_not_decode_is_left_out_of_the_cache_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_dataset(tmp_path / "data", n=12, text_only_every=0)
+    bad = tmp_path / "data" / "images" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # the header reads, the pixel data is cut short
+    over = {"schedule": {"max_steps": 4}}
+    plain = run(train_cfg(data, tmp_path / "plain", **over))
+    with caplog.at_level(logging.WARNING):
+        cached = run(
+            train_cfg(data, tmp_path / "cached", data={"feature_cache": str(tmp_path / "fc")}, **over)
+        )
+    assert cached["step"] == plain["step"] == 4
+    assert cached["skipped"] == plain["skipped"] == {"unreadable image": 1}
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("feature cache: 1 image(s) did not decode") and str(bad) in m for m in said), said

@@ -394,6 +394,11 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             from cambrian_core.train.feature_cache import content_hash
 
             hashes = [content_hash(p) for p in paths[:kept]]
+            for p, h in zip(paths, hashes, strict=False):
+                if not all(c.has(h) for c in self.feature_caches):  # the cache build could not decode it
+                    return Skipped(
+                        i, "unreadable image", f"{p}: not in the feature cache (it did not decode)"
+                    )
             sample["tower_features"] = [c.batch(hashes) if hashes else None for c in self.feature_caches]
         elif self.transforms:
             try:

@@ -232,7 +232,8 @@ class FeatureCache:
         ``encode(list_of_items) -> [n, token_len, hidden]`` runs the tower (``StagedTokens`` of the probed
         layout for a staged cache). Shards are written to a temporary
         name, fsynced and renamed, and the meta is rewritten after each shard, so a killed build keeps every
-        finished shard. Returns the number of images written.
+        finished shard. An image that does not decode is left out (``self.unreadable``: hash -> why; training
+        skips its samples). Returns the number of images written.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         good, _ = self._valid_shards()
@@ -260,17 +261,17 @@ class FeatureCache:
             next_id += 1
             pending.clear()
 
+        self.unreadable: dict[str, str] = {}
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            for k, entry in zip(
-                chunk, self._entries(encode([items[k] for k in chunk]), len(chunk)), strict=True
-            ):
+            encoded = self._encode_chunk(chunk, items, encode)
+            for k, entry in encoded:
                 for suffix, t in entry:
                     # a copy of its own: safetensors refuses tensors that share storage (slices of one batch)
                     pending[k + suffix] = t.to(device="cpu", dtype=_DTYPE, copy=True).contiguous()
                 if len(pending) >= per_shard * len(entry):
                     flush()
-            written += len(chunk)
+            written += len(encoded)
             if progress:
                 progress(len(chunk))
         if pending:
@@ -278,6 +279,20 @@ class FeatureCache:
         self._write_meta(good, complete=True)
         self._index = None
         return written
+
+    def _encode_chunk(
+        self, chunk: list[str], items: Mapping[str, Any], encode: Callable[[list[Any]], Any]
+    ) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
+        """``(hash, entries)`` of a chunk of images. When the batch fails (an image that does not decode), the
+        images are encoded one by one and those that fail are left out, in ``self.unreadable`` (hash -> why)."""
+        try:
+            feats = encode([items[k] for k in chunk])
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for damaged image files
+            if len(chunk) == 1:
+                self.unreadable[chunk[0]] = f"{items[chunk[0]]}: {exc}"[:200]
+                return []
+            return [pair for k in chunk for pair in self._encode_chunk([k], items, encode)]
+        return list(zip(chunk, self._entries(feats, len(chunk)), strict=True))
 
     def _entries(self, feats: torch.Tensor | StagedTokens, n: int) -> list[list[tuple[str, torch.Tensor]]]:
         """Per image, the (name suffix, tensor) pairs to store; the tower's output checked against the cache."""
@@ -297,6 +312,10 @@ class FeatureCache:
                 f"tower gave features {got}, the cache expects {n} images of stages {self.stages}"
             )
         return [[(f".{k}", p[i]) for k, p in enumerate(feats.parts)] for i in range(n)]
+
+    def has(self, h: str) -> bool:
+        """Whether the image with content hash ``h`` is cached."""
+        return h in self.index()
 
     def get(self, h: str) -> torch.Tensor | StagedTokens:
         """The cached bf16 features of the image with content hash ``h``: ``[token_len, hidden]``, or for a staged

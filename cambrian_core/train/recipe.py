@@ -596,6 +596,15 @@ class TrainRecipe:
                     {h: items[h] for h in status.missing},
                     partial(_encode_images, tower, cache.stages is not None),
                 )
+                if (
+                    cache.unreadable
+                ):  # left out of the cache; their samples are skipped (and counted) in training
+                    shown = "; ".join(list(cache.unreadable.values())[:5])
+                    log.warning(
+                        "feature cache: %d image(s) did not decode and are skipped in training: %s",
+                        len(cache.unreadable),
+                        shown,
+                    )
         self.runner.barrier()
         return caches
 
