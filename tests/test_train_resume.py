@@ -214,3 +214,29 @@ def test_the_logged_lr_is_the_one_each_update_used(records: Path, tmp_path: Path
     logged = [r["lr"] for r in _train_rows(tmp_path)]
     assert logged == pytest.approx(used) and len(used) == 6
     assert used[0] < used[2]  # warm-up: the first update uses a smaller lr than the later ones
+
+
+def test_a_resave_killed_between_its_renames_loses_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from cambrian_core.train.checkpoint import CheckpointManager
+
+    root = tmp_path / "checkpoints"
+    m = CheckpointManager(root, keep_last=1)
+    m.save(2, lambda d: (d / "w.bin").write_bytes(b"first"))
+    real = os.rename
+    calls = {"n": 0}
+
+    def killed(a, b):  # step_2 moved aside to .old-step_2, then the process dies
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m.save(2, lambda d: (d / "w.bin").write_bytes(b"second"))
+    monkeypatch.setattr(os, "rename", real)
+    assert [p.name for p in root.iterdir() if p.name.startswith("step_")] == []
+    (found,) = m.complete()  # the moved-aside copy still counts, so --resume auto finds it
+    assert found.name == ".old-step_00000002" and m.resolve("auto") == found
+    m.save(4, lambda d: (d / "w.bin").write_bytes(b"third"))  # the next save puts it back, then rotates
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]

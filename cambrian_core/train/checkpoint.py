@@ -131,6 +131,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            self._recover_swaps()
             tmp.mkdir()
         self.barrier()
         write(tmp)
@@ -167,12 +168,27 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.root.is_dir():
             return []
-        found = []
+        found: dict[int, Path] = {}
         for p in self.root.iterdir():
             m = _STEP_RE.match(p.name)
             if m and p.is_dir() and is_complete(p):
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+                found[int(m.group(1))] = p
+        for p in self.root.glob(".old-step_*"):  # a re-save killed between its two renames: still usable
+            m = _STEP_RE.match(p.name.removeprefix(".old-"))
+            if m and p.is_dir() and int(m.group(1)) not in found and is_complete(p):
+                found[int(m.group(1))] = p
+        return [found[k] for k in sorted(found)]
+
+    def _recover_swaps(self) -> None:
+        """Finish a re-save killed between its renames: the ``.old-step_N`` copy goes when ``step_N`` is complete,
+        and comes back as ``step_N`` when it is not (main rank)."""
+        for old in self.root.glob(".old-step_*"):
+            final = self.root / old.name.removeprefix(".old-")
+            if final.is_dir() and is_complete(final):
+                shutil.rmtree(old, ignore_errors=True)
+            elif is_complete(old):
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(old, final)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or ``None``."""
