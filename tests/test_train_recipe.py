@@ -402,6 +402,10 @@ def test_cli_dry_run_errors_and_launchers(
     )
     err = capsys.readouterr().err
     assert "data.train: " in err and "0 samples cannot fill one global batch" in err
+    with pytest.raises(
+        ConfigError, match=r"2 samples cannot fill .*\(20 records; data.val_fraction=0.9 holds out 18\)"
+    ):
+        run(train_cfg(records, tmp_path / "w4", data={"batch_size": 4, "val_fraction": 0.9}))
     with pytest.raises(ConfigError, match=r"schedule\.grad_accum: must be >= 1, got 0"):
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
 

@@ -503,7 +503,13 @@ class TrainRecipe:
             )
         except ValueError as exc:  # too few usable samples: a problem of data.train, said as one
             where = str(self.config_path) if self.config_path else None
-            raise ConfigError([Problem("data.train", f"{d.train}: {exc}")], where) from None
+            took = []
+            if val_ids is not None and d.val is None and len(val_ids):
+                took.append(f"data.val_fraction={d.val_fraction} holds out {len(val_ids)}")
+            if len(train_ids) + (0 if val_ids is None or d.val is not None else len(val_ids)) < len(index):
+                took.append("text-only samples are left out in this stage (the LLM is frozen)")
+            why = f" ({len(index)} records; {'; '.join(took)})" if took else ""
+            raise ConfigError([Problem("data.train", f"{d.train}: {exc}{why}")], where) from None
         left = self.sampler.left_out()
         if any(left.values()):
             gb = self.sampler.global_batch
