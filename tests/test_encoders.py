@@ -114,6 +114,14 @@ def test_freeze(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_configured_freeze_is_saved_not_the_stages_state(name, freeze):
+    enc = tiny(name, freeze=freeze)
+    enc.set_frozen(not freeze)  # what a stage does (full unfreezes a frozen tower, pretrain freezes one)
+    assert enc.architecture_config().get("freeze", freeze) is freeze
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_preprocess_pads_with_mean_colour(name):
     enc = tiny(name)
     s = enc.image_size

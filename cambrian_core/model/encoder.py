@@ -247,6 +247,8 @@ class VisionEncoder(nn.Module, abc.ABC):
             raise ValueError(f"token_len={token_len} is not a perfect square (e.g. 576 = 24x24)")
         self._token_len = token_len
         self.frozen = freeze
+        #: the configured ``freeze`` (what is saved); ``frozen`` is the current state, which stages change
+        self.freeze = freeze
         self.dtype_name = dtype
 
     # ------------------------------------------------------------------ contract

@@ -187,7 +187,7 @@ class HFVisionEncoder(PluginEncoder):
             "image_size": self.image_size,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
-            "freeze": self.frozen,
+            "freeze": self.freeze,
             "dtype": self.dtype_name,
         }
 

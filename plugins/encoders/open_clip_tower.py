@@ -191,7 +191,7 @@ class OpenClipEncoder(PluginEncoder):
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "token_len": self._token_len,
-            "freeze": self.frozen,
+            "freeze": self.freeze,
             "dtype": self.dtype_name,
         }
 

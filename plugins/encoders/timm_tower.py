@@ -154,7 +154,7 @@ class TimmEncoder(PluginEncoder):
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "token_len": self._token_len,
-            "freeze": self.frozen,
+            "freeze": self.freeze,
             "dtype": self.dtype_name,
         }
 
