@@ -431,6 +431,16 @@ def test_chat_renders_the_template_and_answers_about_images():
     assert answer == expected
 
 
+def test_only_special_tokens_become_stop_ids_other_stop_strings_match_as_text():
+    from cambrian_core.model.cambrian import _single_token
+
+    tok = make(seed=5).tokenizer
+    word = next(w for w in ("the", "image", "what") if w in tok.get_vocab())
+    assert _single_token(tok, word) is None  # a vocabulary word also comes inside other tokens
+    eos = tok.eos_token
+    assert _single_token(tok, eos) == tok.eos_token_id
+
+
 # ------------------------------------------------------------------------------------------------ configs
 BAD = [
     ({"image_token_len": 15}, r"image_token_len=15 is not a perfect square"),

@@ -62,7 +62,14 @@ def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 def _single_token(tokenizer: Any, text: str) -> int | None:
-    """The id of ``text`` when the tokenizer has it as one token (e.g. ``<|im_end|>``), else ``None``."""
+    """The id of ``text`` when the tokenizer has it as one special or added token (``<|im_end|>``), else
+    ``None``. An ordinary vocabulary entry ("Paris") is not one: the same text also comes as other tokens
+    ("ĠParis"), so it must be matched as text."""
+    special = set(getattr(tokenizer, "all_special_tokens", [])) | set(
+        getattr(tokenizer, "get_added_vocab", dict)()
+    )
+    if text not in special:
+        return None
     token = tokenizer.convert_tokens_to_ids(text)
     if token is None or (token == tokenizer.unk_token_id and text != tokenizer.unk_token):
         return None
@@ -433,7 +440,14 @@ class CambrianModel(nn.Module):
             input_ids, attention_mask, None, pixel_values, image_sizes, tower_features, None, "left"
         )
         tok = self.llm.tokenizer
-        eos = tok.eos_token_id if eos_token_id is None else eos_token_id
+        if (
+            eos_token_id is None
+        ):  # the tokenizer's EOS and the model's own end tokens (Llama-3: <|eot_id|> too)
+            gen = getattr(getattr(self.llm.model, "generation_config", None), "eos_token_id", None)
+            eos = [tok.eos_token_id, *(gen if isinstance(gen, (list, tuple)) else [gen])]
+            eos = [int(t) for t in dict.fromkeys(eos) if t is not None]
+        else:
+            eos = eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         texts = []
         for stop in stop_strings or ():
