@@ -68,6 +68,9 @@ def test_cfg_options_override_nested_and_literal() -> None:
     assert cfg.optim.lr_groups.sva == 2e-4
     assert cfg.seed == 7
     assert parse_cfg_options(["a.b=[1, 2]", "c=abc", "d=True"]) == {"a.b": [1, 2], "c": "abc", "d": True}
+    # shell and YAML habits: `model.unpad=false` must not become the (truthy) string "false"
+    words = parse_cfg_options(["a=false", "b=FALSE", "c=true", "d=none", "e=null", "f=None", "g=falsey"])
+    assert words == {"a": False, "b": False, "c": True, "d": None, "e": None, "f": None, "g": "falsey"}
 
 
 def test_misspelled_keys_reported_together_with_file_line_and_suggestion() -> None:

@@ -80,7 +80,15 @@ def _plugin_scopes() -> Iterator[None]:
         Config._get_cfg_path = staticmethod(_ORIG_GET_CFG_PATH)  # type: ignore[method-assign]
 
 
+#: spellings from YAML / JSON / shell habits, read as mmengine's DictAction reads them
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def _literal(text: str) -> Any:
+    """A ``--cfg-options`` value: a Python literal, ``true`` / ``false`` / ``none`` / ``null`` in any case, or
+    else the text itself (a bare word such as ``sdpa``)."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -88,7 +96,8 @@ def _literal(text: str) -> Any:
 
 
 def parse_cfg_options(options: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["a.b=1", "c=[1,2]"]`` -> ``{"a.b": 1, "c": [1, 2]}`` (values parsed as Python literals)."""
+    """``["a.b=1", "c=[1,2]", "d=false"]`` -> ``{"a.b": 1, "c": [1, 2], "d": False}`` (values parsed as Python
+    literals; true / false / none / null in any case as the bool or None)."""
     if not options:
         return {}
     if isinstance(options, Mapping):
