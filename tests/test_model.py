@@ -431,6 +431,23 @@ def test_chat_renders_the_template_and_answers_about_images():
     assert answer == expected
 
 
+@pytest.mark.parametrize("kwargs", [{"do_sample": True, "num_return_sequences": 2}, {"num_beams": 2}])
+def test_repeated_rows_in_generate_get_their_own_prompts_samplers(kwargs):
+    torch.manual_seed(3)
+    m = build(MODELS, P.model_config()).eval()  # in-LLM samplers after layers 0 and 2
+    x = inputs(m, texts=TEXTS[1:], sizes=SIZES)  # one prompt with 1 image, one with 2
+    args = (x["input_ids"], x["attention_mask"], x["pixel_values"], SIZES)
+    one = m.generate(*args, max_new_tokens=1, output_scores=True, return_dict_in_generate=True).scores[0]
+    two = m.generate(*args, max_new_tokens=1, output_scores=True, return_dict_in_generate=True, **kwargs)
+    first = two.scores[0]  # rows: prompt 0 twice, then prompt 1 twice
+    if "num_beams" in kwargs:  # beam scores are log-softmaxed
+        one = torch.log_softmax(one, dim=-1)
+        first = first.view(2, 2, -1)[:, 0]  # the beams start identical: compare the first of each prompt
+        assert torch.allclose(first, one, atol=1e-5)
+    else:
+        assert torch.allclose(first, one.repeat_interleave(2, dim=0), atol=1e-5)
+
+
 def test_only_special_tokens_become_stop_ids_other_stop_strings_match_as_text():
     from cambrian_core.model.cambrian import _single_token
 

@@ -335,6 +335,7 @@ class CambrianModel(nn.Module):
                 seq_len=int(batch.inputs_embeds.shape[1]),
                 dtype=cdtype,
                 checkpoint=self.gradient_checkpointing and self.training,
+                batch_size=int(batch.inputs_embeds.shape[0]),
             )
         return batch, ctx
 

@@ -45,6 +45,7 @@ class SamplerContext:
     seq_len: int  #: length of the expanded sequence (the pass that carries the images)
     dtype: torch.dtype  #: compute dtype of the connector
     checkpoint: bool = False  #: recompute samplers in backward (gradient checkpointing)
+    batch_size: int | None = None  #: rows of the spliced batch (generate may repeat each row k times)
 
 
 @contextlib.contextmanager
@@ -89,7 +90,21 @@ def _hook(module: nn.Module, args: Any, output: Any) -> Any:
     hidden = output[0] if isinstance(output, tuple) else output
     if hidden.shape[1] != ctx.seq_len:  # a decode step: the image tokens are in the KV cache already
         return None
-    if ctx.checkpoint and torch.is_grad_enabled():
+    rows = hidden.shape[0]
+    if ctx.batch_size and rows != ctx.batch_size:
+        # generate()'s num_return_sequences / num_beams repeat each prompt row k times (row r*k + j is copy j
+        # of prompt r), identical in the prefill: refine copy 0 of each prompt and hand it to all k
+        if rows % ctx.batch_size:
+            raise RuntimeError(f"sampler: {rows} rows for a batch of {ctx.batch_size} prompts")
+        k = rows // ctx.batch_size
+        first = hidden.view(ctx.batch_size, k, *hidden.shape[1:])[:, 0]
+        new = (
+            apply_sampler(first, ctx, index)
+            .unsqueeze(1)
+            .expand(-1, k, *hidden.shape[1:])
+            .reshape(hidden.shape)
+        )
+    elif ctx.checkpoint and torch.is_grad_enabled():
         new = checkpoint(apply_sampler, hidden, ctx, index, use_reentrant=False)
     else:
         new = apply_sampler(hidden, ctx, index)
