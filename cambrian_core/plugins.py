@@ -59,7 +59,8 @@ class PluginFailure:
 
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"pm": None, "failures": [], "labels": {}, "loaded": False, "loading": False}
+#: ``loading``: the id of the thread running discovery (its own re-entrant lookups go through; others wait)
+_state: dict[str, Any] = {"pm": None, "failures": [], "labels": {}, "loaded": False, "loading": None}
 _provider = threading.local()
 
 
@@ -119,7 +120,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
             for reg in REGISTRIES.values():
                 reg.clear()
             _invalidate_import_caches()
-        _state.update(loading=True, failures=[], labels={})
+        _state.update(loading=threading.get_ident(), failures=[], labels={})
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         loaded: list[tuple[Any, str]] = []
@@ -152,7 +153,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
                         impl.plugin_name, label, f"{type(exc).__name__}: {exc}", traceback.format_exc()
                     )
                 )
-        _state.update(pm=pm, loaded=True, loading=False)
+        _state.update(pm=pm, loaded=True, loading=None)
         if strict and _state["failures"]:
             raise PluginError("; ".join(map(str, _state["failures"])))
         return pm
@@ -205,9 +206,11 @@ def _invalidate_import_caches() -> None:
 
 
 def ensure_loaded() -> None:
-    """Run discovery unless it already ran (re-entrant calls during discovery are no-ops)."""
-    if not _state["loaded"] and not _state["loading"]:
-        load_plugins()
+    """Run discovery unless it already ran. A call from inside discovery (a plugin looking a part up while it
+    registers) is a no-op; a call from another thread meanwhile waits for discovery to finish."""
+    if _state["loaded"] or _state["loading"] == threading.get_ident():
+        return
+    load_plugins()
 
 
 def plugin_manager() -> pluggy.PluginManager:

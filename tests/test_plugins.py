@@ -201,3 +201,40 @@ def test_help_lists_only_working_subcommands() -> None:
 def test_console_scripts_installed(entry: str) -> None:
     exe = Path(sys.executable).with_name(entry)
     assert exe.exists(), f"console script {entry} missing; reinstall with pip install -e ."
+
+
+def test_a_second_thread_waits_for_discovery_instead_of_seeing_empty_registries() -> None:
+    script = textwrap.dedent(
+        """
+        import threading, time
+        from cambrian_core import plugins
+        from cambrian_core.registry import ENCODERS, LLMS
+
+        res = {}
+        def first():
+            res["a"] = LLMS.get("llama3") is not None  # starts discovery
+        def second():
+            while not plugins._state["loading"]:  # discovery has begun in the other thread
+                time.sleep(0.0005)
+            try:
+                res["b"] = ENCODERS.lookup("siglip").__name__
+            except Exception as exc:
+                res["b"] = f"{type(exc).__name__}: {exc}"
+        tb = threading.Thread(target=second)
+        tb.start()
+        ta = threading.Thread(target=first)
+        ta.start()
+        ta.join()
+        tb.join()
+        print(res["a"], res["b"])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "SiglipEncoder"]
