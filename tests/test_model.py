@@ -448,6 +448,19 @@ def test_repeated_rows_in_generate_get_their_own_prompts_samplers(kwargs):
         assert torch.allclose(first, one.repeat_interleave(2, dim=0), atol=1e-5)
 
 
+def test_16_bit_greyscale_images_are_rescaled_not_clipped_white():
+    import numpy as np
+
+    m = build(MODELS, P.model_config()).eval()
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64)  # a 12-bit radiograph in a 16-bit PNG
+    im16 = Image.fromarray(ramp.astype(np.uint16))
+    im8 = Image.fromarray(np.rint(ramp * 255 / 4095).astype(np.uint8)).convert("RGB")
+    assert im16.mode.startswith("I")
+    got, _ = m.prepare_images([im16])
+    want, _ = m.prepare_images([im8])
+    assert all(torch.allclose(g, w, atol=0.05) for g, w in zip(got, want, strict=True))
+
+
 def test_only_special_tokens_become_stop_ids_other_stop_strings_match_as_text():
     from cambrian_core.model.cambrian import _single_token
 

@@ -45,6 +45,7 @@ __all__ = [
     "load_image",
     "mime_type",
     "to_png_bytes",
+    "to_rgb",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,18 @@ def _index(value: Any, n: int, what: str, path: Path) -> int:
     if not -n <= idx < n:
         raise ImageLoadError(path, f"{what} {idx} out of range: the image has {n}")
     return idx % n
+
+
+#: Pillow modes of more than 8 bits per sample (16-bit PNG / TIFF, 32-bit integer or float)
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB: 16-bit and float greyscale rescaled over its own range (Pillow's
+    ``convert("RGB")`` clips them at 255, turning a 12-bit radiograph white), everything else converted."""
+    if im.mode in HIGH_DEPTH_MODES:
+        return _gray_to_image(_apply_window(np.asarray(im), None, None, "minmax"), False).convert("RGB")
+    return im.convert("RGB")
 
 
 def _gray_to_image(gray: np.ndarray, invert: bool) -> Image.Image:

@@ -245,7 +245,9 @@ class CambrianModel(nn.Module):
         """PIL images -> (one ``[N, 3, S_t, S_t]`` tensor per tower, ``[N, 2]`` (width, height) sizes)."""
         if not images:
             return None, None
-        rgb = [im.convert("RGB") for im in images]
+        from cambrian_core.data.medimage import to_rgb
+
+        rgb = [to_rgb(im) for im in images]  # 16-bit greyscale rescaled, not clipped white
         pixels = [torch.stack([tower.preprocess(im) for im in rgb]) for tower in self.towers]
         sizes = torch.tensor([im.size for im in rgb], dtype=torch.long)
         return pixels, sizes

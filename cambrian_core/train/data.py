@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cambrian_core.data.medimage import to_rgb
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN_INDEX",
@@ -402,7 +404,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             sample["tower_features"] = [c.batch(hashes) if hashes else None for c in self.feature_caches]
         elif self.transforms:
             try:
-                rgb = [im.convert("RGB") for im in images[:kept]]
+                rgb = [to_rgb(im) for im in images[:kept]]  # 16-bit greyscale rescaled, not clipped
             except Exception as exc:  # truncated or corrupt pixel data
                 return Skipped(i, "unreadable image", f"{exc}"[:160])
             sample["pixel_values"] = [

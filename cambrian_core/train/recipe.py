@@ -1028,7 +1028,9 @@ def _encode_images(tower: torch.nn.Module, staged: bool, paths: list[Path]) -> t
     """Tower features of image files (for the feature cache): tokens, or ``forward_staged``'s stages."""
     from PIL import Image
 
-    pixels = torch.stack([tower.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    from cambrian_core.data.medimage import to_rgb
+
+    pixels = torch.stack([tower.preprocess(to_rgb(Image.open(p))) for p in paths])
     tower_device = next(tower.parameters()).device
     with torch.no_grad():
         out = (tower.forward_staged if staged else tower)(pixels.to(tower_device))
