@@ -128,6 +128,9 @@ def test_saved_dtypes_are_kept_and_load_can_cast(tmp_path):
     assert loaded.llm.model.lm_head.weight is loaded.llm.model.model.embed_tokens.weight  # still tied
     assert_same_state(model, loaded)
     half = load_model(folder, dtype="bfloat16")
+    assert next(load_model(folder, dtype="bf16").parameters()).dtype == torch.bfloat16  # the short names too
+    with pytest.raises(ValueError, match=r"dtype 'bf61' is not supported; use one of float32, fp32"):
+        load_model(folder, dtype="bf61")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 

@@ -310,7 +310,8 @@ def load_model(
     Args:
         path_or_name: a folder written by ``save_pretrained``, or a name in the ``CHECKPOINTS`` registry.
         device: where to put the model (default: CPU).
-        dtype: cast every floating weight to this dtype after loading (default: as saved).
+        dtype: cast every floating weight to this dtype after loading (default: as saved): a torch dtype or a
+            name (``bf16`` / ``bfloat16``, ``fp16``, ``fp32``).
         strict: every weight of the architecture must be in the folder and vice versa.
 
     Returns:
@@ -341,7 +342,9 @@ def load_model(
             len(result.unexpected_keys),
         )
     if dtype is not None:
-        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        from cambrian_core.export.dtype import resolve_dtype
+
+        model.to(dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)[0])  # "bf16", "bfloat16" ...
     if device is not None:
         model.to(device)
     return model.eval()
