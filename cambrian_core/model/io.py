@@ -344,7 +344,9 @@ def load_model(
     if dtype is not None:
         from cambrian_core.export.dtype import resolve_dtype
 
-        model.to(dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)[0])  # "bf16", "bfloat16" ...
+        model.to(
+            dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)[0]
+        )  # "bf16", "bfloat16" ...
     if device is not None:
         model.to(device)
     return model.eval()
