@@ -518,6 +518,24 @@ def test_bad_configs_fail_in_load_config(override, message, tmp_path):
         load_config(path)
 
 
+def test_a_sampler_schedule_past_the_llms_last_layer_fails_in_load_config(tmp_path):
+    from serve_helpers import tiny_config
+
+    cfg = tiny_config()
+    cfg["connector"] = {
+        **cfg["connector"],
+        "num_of_vision_sampler_layers": 3,
+        "stride_of_vision_sampler_layers": 20,
+    }
+    layers = cfg["llm"]["config"]["num_hidden_layers"]
+    path = tmp_path / "late.py"
+    path.write_text(f"model = {cfg!r}\n")
+    with pytest.raises(
+        ConfigError, match=rf"decoder layers \[\d+, \d+, \d+\] but the LLM has {layers} layers"
+    ):
+        load_config(path)
+
+
 def test_a_good_config_passes_load_config(tmp_path):
     path = tmp_path / "good.py"
     path.write_text(f"model = {P.model_config()!r}\n")

@@ -131,11 +131,14 @@ def _check_connector(
     image_token_len: int | None,
 ) -> list[str]:
     label = f"connector {ccfg['type']}"
-    hidden = None
+    hidden = n_layers = None
     if isinstance(llm, Mapping) and "type" in llm:
         llm_cls = _lookup(LLMS, llm)
+        llm_kwargs = {k: v for k, v in llm.items() if k != "type"}
         if llm_cls is not None and hasattr(llm_cls, "config_hidden_size"):
-            hidden = llm_cls.config_hidden_size({k: v for k, v in llm.items() if k != "type"})
+            hidden = llm_cls.config_hidden_size(llm_kwargs)
+        if llm_cls is not None and hasattr(llm_cls, "config_num_layers"):
+            n_layers = llm_cls.config_num_layers(llm_kwargs)
     problems = []
     for k in CONNECTOR_DIMS:
         if k not in ccfg:
@@ -172,4 +175,11 @@ def _check_connector(
     checker = getattr(cls, "check_config", None)
     if callable(checker):
         problems += [f"{label}: {m}" for m in checker(filled)]
+    scheduled = cls.config_sampler_layers(filled) if hasattr(cls, "config_sampler_layers") else ()
+    if not problems and scheduled and n_layers is not None and max(scheduled) >= n_layers:
+        problems.append(
+            f"{label} schedules in-LLM samplers after decoder layers {list(scheduled)} but the LLM has "
+            f"{n_layers} layers (0..{n_layers - 1}); lower start_of_vision_sampler_layers / "
+            "stride_of_vision_sampler_layers / num_of_vision_sampler_layers"
+        )
     return problems

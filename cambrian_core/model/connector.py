@@ -58,6 +58,11 @@ class Connector(nn.Module, abc.ABC):
     accepts_staged: bool = False
 
     @classmethod
+    def config_sampler_layers(cls, kwargs: dict[str, Any]) -> tuple[int, ...]:
+        """The ``sampler_layers`` a config would give, without building (checked against the LLM's depth)."""
+        return ()
+
+    @classmethod
     def compile_problem(cls) -> str | None:
         """Why ``torch.compile`` of this connector cannot be trusted with this torch (``None``: it can)."""
         return None

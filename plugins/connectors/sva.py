@@ -203,6 +203,16 @@ class SVAConnector(Connector):
             )
 
     @classmethod
+    def config_sampler_layers(cls, kwargs: dict[str, Any]) -> tuple[int, ...]:
+        opts = bound_options(cls.__init__, kwargs)
+        num = opts.get("num_of_vision_sampler_layers", 0)
+        if opts.get("connector_only", True) or not isinstance(num, int) or num <= 0:
+            return ()
+        return sampler_schedule(
+            num, opts.get("start_of_vision_sampler_layers", 0), opts.get("stride_of_vision_sampler_layers", 1)
+        )
+
+    @classmethod
     def check_config(cls, kwargs: dict[str, Any]) -> list[str]:
         """Cross-field problems (squares, window divisibility, heads) before any weights load."""
         opts = bound_options(cls.__init__, kwargs)

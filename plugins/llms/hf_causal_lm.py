@@ -256,9 +256,18 @@ class HFCausalLM(LanguageModel):
 
     @classmethod
     def config_hidden_size(cls, kwargs: dict[str, Any]) -> int | None:
+        return cls._config_field(kwargs, "hidden_size")
+
+    @classmethod
+    def config_num_layers(cls, kwargs: dict[str, Any]) -> int | None:
+        """Decoder layers of the configured LLM (inline config or the folder's config.json), or ``None``."""
+        return cls._config_field(kwargs, "num_hidden_layers")
+
+    @classmethod
+    def _config_field(cls, kwargs: dict[str, Any], key: str) -> int | None:
         config, path = kwargs.get("config"), kwargs.get("path")
         if isinstance(config, Mapping):
-            return int(config["hidden_size"]) if "hidden_size" in config else None
+            return int(config[key]) if key in config else None
         if path is None and config is None and cls.has_default_path:
             try:
                 path = cls.default_path_if_ready()
@@ -267,7 +276,7 @@ class HFCausalLM(LanguageModel):
         if path is not None:
             cfg_file = Path(str(path)).expanduser() / "config.json"
             if cfg_file.is_file():
-                value = json.loads(cfg_file.read_text()).get("hidden_size")
+                value = json.loads(cfg_file.read_text()).get(key)
                 return int(value) if value is not None else None
         return None
 
