@@ -108,6 +108,19 @@ def test_bad_override_is_attributed_to_cfg_options() -> None:
         load_config(CFG / "toy_leaf.py", ["schedule.epoch=3"])
 
 
+def test_overrides_inside_lists_and_whole_part_problems_are_attributed() -> None:
+    demo = Path(__file__).parent.parent / "configs" / "demo" / "cambrian_tiny_med.py"
+    with pytest.raises(ConfigError) as info:
+        load_config(demo, ["model.vision_tower_aux_list.0.tokn_len=144"])
+    assert (
+        "--cfg-options: model.vision_tower_aux_list[0].tokn_len: `encoder efficientnet_lite0` got an"
+        in str(info.value)
+    )
+    with pytest.raises(ConfigError) as info:  # a cross-check of the whole model, caused by the override
+        load_config(demo, ["model.vision_tower_aux_list.1.token_len=144"])
+    assert "with --cfg-options model.vision_tower_aux_list.1.token_len: model: " in str(info.value)
+
+
 def test_unknown_top_level_section() -> None:
     with pytest.raises(ConfigError, match="unknown top-level key; did you mean `schedule`"):
         load_config(CFG / "toy_leaf.py", {"schedul": {"epochs": 2}})

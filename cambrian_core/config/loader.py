@@ -231,6 +231,11 @@ def load_config(
     return cfg
 
 
+def _dotted(key: str) -> str:
+    """``a.b[0].c`` (a problem's key) and ``a.b.0.c`` (a ``--cfg-options`` key) in one spelling."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
 def check(
     cfg: Config | Mapping[str, Any], filename: str | None = None, overrides: Mapping[str, Any] = ()
 ) -> None:
@@ -241,9 +246,16 @@ def check(
         return
     files = base_files(filename) if filename else []
     attributed = []
+    changed = [_dotted(k) for k in overrides]
     for p in problems:
-        if any(p.key == k or p.key.startswith(k + ".") for k in overrides):
+        key = _dotted(p.key)
+        below = [k for k in changed if key and k.startswith(key + ".")]
+        if any(key == k or key.startswith(k + ".") for k in changed):
             attributed.append(Problem(p.key, p.message, "--cfg-options"))
+        elif below:  # a whole-part problem (a cross-check) in a part that --cfg-options changed
+            found = _attribute(p, files) if files else p
+            where = f"{found.file} with " if found.file else ""
+            attributed.append(Problem(p.key, p.message, f"{where}--cfg-options {', '.join(below)}"))
         else:
             attributed.append(_attribute(p, files) if files else p)
     raise ConfigError(attributed, filename)
