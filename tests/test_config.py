@@ -155,6 +155,9 @@ def test_flatten_and_diff() -> None:
         ("model.towers[1].t", "b", "<absent>"),
         ("new", "<absent>", True),
     ]
+    # an empty section is a value: {} differs from absent and from None
+    assert diff_configs({"log": {"wandb": {}, "n": 1}}, {"log": {"n": 1}}) == [("log.wandb", {}, "<absent>")]
+    assert diff_configs({"x": {}}, {"x": None}) == [("x", {}, None)]
 
 
 def test_cli_show_and_diff() -> None:

@@ -31,14 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}, "c": [{"d": 2}]}`` -> ``{"a.b": 1, "c[0].d": 2}``."""
     out: dict[str, Any] = {}
-    if isinstance(tree, Mapping):
+    if isinstance(tree, Mapping) and tree:  # an empty dict is a value of its own ({} is not "absent")
         for k, v in tree.items():
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     elif isinstance(tree, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in tree):
         for i, v in enumerate(tree):
             out.update(flatten(v, f"{prefix}[{i}]"))
     else:
-        out[prefix] = list(tree) if isinstance(tree, tuple) else tree
+        out[prefix] = list(tree) if isinstance(tree, tuple) else dict(tree) if isinstance(tree, Mapping) else tree
     return out
 
 
