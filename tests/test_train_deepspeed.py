@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -49,6 +50,14 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
     runner = {"type": "deepspeed", "device": "cpu", "config": str(tmp_path / "zero3_all.json")}
     cfg = train_cfg(records, tmp_path / "zero3_sva", runner=runner, data={"batch_size": 2}, **sva)
     configs.append(str(dump(cfg, tmp_path / "zero3_sva.py")))
+    # 3 micro-batches per rank and epoch with grad_accum 2: every epoch ends with a one-micro-batch update
+    accum = {"schedule": {"max_steps": 4, "grad_accum": 2}, "checkpoint": {"interval": 10, "export": False}}
+    single_accum = run(train_cfg(records, tmp_path / "single_accum", data={"batch_size": 4}, **accum))
+    runner = {"type": "deepspeed", "device": "cpu", "config": "cambrian::_base_/runtime/zero2.json"}
+    cfg = train_cfg(records, tmp_path / "zero2_accum", runner=runner, data={"batch_size": 2}, **accum)
+    configs.append(str(dump(cfg, tmp_path / "zero2_accum.py")))
+    cfg = train_cfg(records, tmp_path / "zero2_nan", runner=runner, data={"batch_size": 2}, **over)
+    nan_cfg = str(dump(cfg, tmp_path / "zero2_nan.py"))
     # one launch runs them all (and a resume of the offload run to 6 steps): DeepSpeed start-up is paid once
     driver = tmp_path / "driver.py"
     driver.write_text(
@@ -59,6 +68,22 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
             for cfg in {configs!r}:
                 assert main(["train", cfg]) == 0
             assert main(["train", {configs[2]!r}, "--resume", "auto", "--cfg-options", "schedule.max_steps=6"]) == 0
+            # a finite loss whose gradient is NaN at step 3: DeepSpeed sees the norm only inside its step
+            from cambrian_core.train.metrics import NonFiniteLossError
+            from cambrian_core.train.runners.deepspeed import DeepSpeedRunner
+            real, calls = DeepSpeedRunner.forward, [0]
+            def poisoned(self, batch):
+                loss = real(self, batch)
+                calls[0] += 1
+                if calls[0] == 3:
+                    p = next(p for p in self.engine.module.parameters() if p.requires_grad)
+                    loss = loss + (p - p.detach()).abs().sqrt().sum()  # adds 0; its gradient is 0 * inf
+                return loss
+            DeepSpeedRunner.forward = poisoned
+            try:
+                main(["train", {nan_cfg!r}])
+            except NonFiniteLossError as exc:
+                print("STOPPED:", exc, file=sys.stderr)
             """
         )
     )
@@ -71,6 +96,12 @@ def test_zero_stages_match_single_process_and_resume(tmp_path: Path) -> None:
         got = losses(tmp_path / name)[:4]
         assert got == pytest.approx(single["losses"], rel=1e-5), name
     assert losses(tmp_path / "zero3_sva") == pytest.approx(single_sva["losses"], rel=1e-5)
+    assert losses(tmp_path / "zero2_accum") == pytest.approx(single_accum["losses"], rel=1e-5)
+    assert "the last update of every epoch accumulates 1 of them" in proc.stderr
+    # (DeepSpeed reports a NaN gradient's norm as inf)
+    stopped = r"STOPPED: the gradient norm is (nan|inf) at step 3; this runner computes it inside its update"
+    assert len(re.findall(stopped, proc.stderr)) == 2  # both ranks
+    assert sorted(p.name for p in (tmp_path / "zero2_nan" / "checkpoints").iterdir()) == ["step_00000002"]
     resumed = losses(tmp_path / "zero3_offload")
     assert len(resumed) == 6 and "resuming from" in proc.stderr and "step_00000004" in proc.stderr
     state = torch.load(

@@ -267,6 +267,36 @@ def test_grad_accum_equals_one_larger_batch(records: Path, tmp_path: Path) -> No
     assert any(not torch.allclose(lone[n], a[n], rtol=1e-3, atol=1e-5) for n in a)
 
 
+def test_an_epoch_not_a_multiple_of_grad_accum_ends_with_a_shorter_update(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Runner.forward
+    seen: list[list[int]] = []
+
+    def counting(self: Runner, batch: dict) -> torch.Tensor:
+        seen.append([int(i) for i in batch["indices"]])
+        return real(self, batch)
+
+    monkeypatch.setattr(Runner, "forward", counting)
+    cfg = train_cfg(
+        records,
+        tmp_path,
+        data={"batch_size": 4},  # the 16 image samples: 4 micro-batches, windows of 3 and 1
+        schedule={"max_steps": -1, "epochs": 2, "grad_accum": 3},
+        checkpoint={"interval": 100},
+    )
+    out = run(cfg)
+    assert out["step"] == 4 and len(seen) == 8
+    first, second = (sorted(i for b in seen[k : k + 4] for i in b) for k in (0, 4))
+    assert first == second and len(set(first)) == 16  # every sample once per epoch, none left out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["split"] == "train"] == [0.75, 1.0, 1.75, 2.0]
+    log = (tmp_path / "train.log").read_text()
+    assert (
+        "not a multiple of schedule.grad_accum=3: the last update of every epoch accumulates 1 of them" in log
+    )
+
+
 def test_clip_grad_bounds_the_update(records: Path, tmp_path: Path) -> None:
     def train(lr: float, clip: float | None, name: str) -> dict:
         return run(

@@ -70,6 +70,30 @@ def test_stop_and_resume_gives_identical_losses(
     assert resumed["losses"] == uninterrupted  # bit for bit: weights, optimiser, schedule, sampler, RNG
 
 
+def test_resume_after_an_epoch_ending_with_a_shorter_window(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 13 image samples, 6 micro-batches of 2 per epoch in windows of 4 and 2: the step-2 checkpoint follows the
+    # epoch's short update
+    over = {**OVER, "schedule": {"max_steps": 5, "grad_accum": 4}, "checkpoint": {"interval": 2}}
+    full = run(train_cfg(records, tmp_path / "full", **over))
+    assert full["step"] == 5
+    real_save = TrainRecipe.save
+
+    def save_then_stop(self: TrainRecipe) -> Path:
+        real_save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainRecipe, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cfg(records, tmp_path / "cut", **over))
+    monkeypatch.setattr(TrainRecipe, "save", real_save)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
+    assert state["sampler"]["consumed_batches"] == 6  # the whole epoch, its short last window included
+    resumed = run(train_cfg(records, tmp_path / "cut", **over), resume="auto")
+    assert resumed["losses"] == full["losses"]
+
+
 def test_kill_during_save_keeps_previous_checkpoint(
     records: Path, uninterrupted: list[float], tmp_path: Path
 ) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cambrian_core.fileio import jsonl_lines
+
 __all__ = [
     "FlopsCounter",
     "MetricLogger",
@@ -55,9 +57,11 @@ def check_finite(
     last_checkpoint: str | os.PathLike | None,
     indices: Any = None,
     what: str = "loss",
+    applied: bool = False,
 ) -> None:
     """Raise :class:`NonFiniteLossError` naming the step, the batch and the last good checkpoint (``what``: the
-    value that went bad, the loss or the gradient norm)."""
+    value that went bad, the loss or the gradient norm; ``applied``: the runner applied that update before it
+    could see the value)."""
     if math.isfinite(loss):
         return
     where = f" (sample indices {list(indices)[:16]})" if indices is not None else ""
@@ -66,9 +70,14 @@ def check_finite(
         if last_checkpoint
         else "no checkpoint was written yet"
     )
+    stopped = (
+        "this runner computes it inside its update, which was applied: stopped before any save, so no checkpoint "
+        "holds these weights,"
+        if applied
+        else "stopped before applying the update, so the weights are unchanged"
+    )
     raise NonFiniteLossError(
-        f"{what} is {loss} at step {step}{where}; stopped before applying the update, so the weights are unchanged "
-        f"and {keep}. Usual causes: a learning rate too high for this batch size (try optim.scale_lr_by_batch or a "
+        f"{what} is {loss} at step {step}{where}; {stopped} and {keep}. Usual causes: a learning rate too high for this batch size (try optim.scale_lr_by_batch or a "
         f"lower optim.lr), fp16 overflow (use schedule.precision='bf16'), or a broken sample."
     )
 
@@ -247,7 +256,7 @@ class MetricLogger:
         earlier run when starting from 0), as TensorBoard's ``purge_step`` does; rewritten atomically."""
         if not self.history_path.is_file():
             return
-        lines = self.history_path.read_text().splitlines()
+        lines = jsonl_lines(self.history_path.read_text())
         kept = []
         for line in lines:
             try:
@@ -313,7 +322,7 @@ def plot_loss_curve(history: str | os.PathLike, out: str | os.PathLike, title: s
     import matplotlib.pyplot as plt
 
     rows = (
-        [json.loads(line) for line in Path(history).read_text().splitlines() if line.strip()]
+        [json.loads(line) for line in jsonl_lines(Path(history).read_text()) if line.strip()]
         if Path(history).is_file()
         else []
     )

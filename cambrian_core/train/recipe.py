@@ -625,11 +625,18 @@ class TrainRecipe:
             self.announce(
                 f"setup: lr scaled by sqrt({self.global_batch}/{o.base_batch_size}): base {o.lr:g} -> {lr:g}"
             )
-        self.updates_per_epoch = len(self.sampler) // s.grad_accum
-        if self.updates_per_epoch == 0:
+        micro = len(self.sampler)  # micro-batches per rank and epoch
+        if micro < s.grad_accum:
             raise ValueError(
-                f"one epoch has {len(self.sampler)} micro-batches per rank, fewer than schedule.grad_accum="
+                f"one epoch has {micro} micro-batches per rank, fewer than schedule.grad_accum="
                 f"{s.grad_accum}; lower grad_accum or the batch size"
+            )
+        self.updates_per_epoch = -(-micro // s.grad_accum)  # a shorter last window still makes an update
+        if micro % s.grad_accum:
+            self.announce(
+                f"setup: {micro} micro-batches per rank and epoch is not a multiple of schedule.grad_accum="
+                f"{s.grad_accum}: the last update of every epoch accumulates {micro % s.grad_accum} of them "
+                "(its loss is still the mean over its target tokens)"
             )
         self.total_steps = s.max_steps if s.max_steps > 0 else s.epochs * self.updates_per_epoch
 
@@ -733,15 +740,18 @@ class TrainRecipe:
         """Micro-batch windows (one per update), epoch after epoch, starting at the sampler's position.
 
         ``self.consumed`` is the number of micro-batches of the current epoch used once a window is handed out
-        (what a checkpoint stores); a trailing partial window of an epoch is dropped.
+        (what a checkpoint stores). An epoch whose micro-batches are not a multiple of ``grad_accum`` ends with
+        a shorter window (as HF Trainer and LLaVA do), so no batch of the epoch is left out.
         """
-        accum = self.sched.grad_accum
+        accum, micro = self.sched.grad_accum, len(self.sampler)
         while True:
-            start = self.sampler.start_batch
+            start = (
+                self.sampler.start_batch
+            )  # before iter(): a worker-backed loader starts the sampler at once
             it = iter(self.loader)
-            for w in range((self.updates_per_epoch * accum - start) // accum):
-                window = [next(it) for _ in range(accum)]
-                self.consumed = start + (w + 1) * accum
+            for pos in range(start, micro, accum):
+                window = [next(it) for _ in range(min(accum, micro - pos))]
+                self.consumed = pos + len(window)
                 yield window
             del it
             self.sampler.set_epoch(self.sampler.epoch + 1)
@@ -828,7 +838,9 @@ class TrainRecipe:
         try:
             grad_norm = r.step()
         except NonFiniteGradError as exc:  # a finite loss whose backward overflowed (bf16, a bad sample)
-            check_finite(exc.norm, self.step + 1, self.last_checkpoint, what="the gradient norm")
+            check_finite(
+                exc.norm, self.step + 1, self.last_checkpoint, what="the gradient norm", applied=exc.applied
+            )
         totals = r.all_reduce(
             torch.tensor([loss_sum, float(local_targets), float(tokens), float(samples), flops])
         )
@@ -844,7 +856,7 @@ class TrainRecipe:
             "grad_norm": grad_norm,
             "samples_s": float(totals[3]) / dt,
             "tokens_s": float(totals[2]) / dt,
-            "epoch": self.sampler.epoch + self.consumed / (self.updates_per_epoch * self.sched.grad_accum),
+            "epoch": self.sampler.epoch + self.consumed / len(self.sampler),
         }
         if self.flops is not None:
             values["mfu"] = float(totals[4]) / dt / (self.peak_flops * r.world_size)

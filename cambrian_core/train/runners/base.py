@@ -45,11 +45,16 @@ def move_to(batch: Any, device: torch.device, float_dtype: torch.dtype | None = 
 
 
 class NonFiniteGradError(FloatingPointError):
-    """The gradient norm of an update is inf or NaN (the loss was finite); the update was not applied."""
+    """The gradient norm of an update is inf or NaN (the loss was finite).
 
-    def __init__(self, norm: float) -> None:
-        super().__init__(f"gradient norm is {norm}")
+    ``applied``: whether the update was applied anyway (runners whose engine computes the norm inside its
+    step: DeepSpeed, XLA); then the weights in memory are not to be saved.
+    """
+
+    def __init__(self, norm: float, applied: bool = False) -> None:
+        super().__init__(f"gradient norm is {norm}" + (" (the update was applied)" if applied else ""))
         self.norm = norm
+        self.applied = applied
 
 
 class Runner:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import copy
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cambrian_core.train.runners.base import PRECISIONS, Adapt, Runner, rebuild_with
+from cambrian_core.train.runners.base import PRECISIONS, Adapt, NonFiniteGradError, Runner, rebuild_with
 from cambrian_core.train.runners.distributed import all_reduce, barrier
 
 __all__ = ["DeepSpeedRunner", "fill_ds_config", "register", "resolve_config_path"]
@@ -197,6 +198,9 @@ class DeepSpeedRunner(Runner):
         return self.engine(**inputs, use_cache=False, loss_only=self.TARGET_LOGITS_ONLY).loss
 
     def backward(self, loss: torch.Tensor, last_micro: bool = True) -> None:
+        # the recipe marks the boundary (an epoch's last window may be shorter than grad_accum), before the
+        # backward: ZeRO reduces gradients in backward hooks on the boundary micro-batch
+        self.engine.set_gradient_accumulation_boundary(last_micro)
         # the recipe already weights each micro-batch by its share of the window's target tokens
         self.engine.backward(loss, scale_wrt_gas=False)
         if not last_micro:
@@ -207,7 +211,13 @@ class DeepSpeedRunner(Runner):
             raise RuntimeError("DeepSpeed and the recipe disagree on the gradient-accumulation boundary")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return float("nan")
+        # DeepSpeed computes the norm inside its step, so a non-finite one is seen after the update (fp16's loss
+        # scaler skips those steps itself): stop before anything is saved from these weights
+        if not math.isfinite(float(norm)) and self.precision != "fp16":
+            raise NonFiniteGradError(float(norm), applied=True)
+        return float(norm)
 
     def current_lrs(self) -> dict[str, float]:
         return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}

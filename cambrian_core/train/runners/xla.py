@@ -9,13 +9,21 @@ of shapes small.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cambrian_core.train.runners.base import PRECISIONS, Adapt, Finalize, Runner, save_final
+from cambrian_core.train.runners.base import (
+    PRECISIONS,
+    Adapt,
+    Finalize,
+    NonFiniteGradError,
+    Runner,
+    save_final,
+)
 
 __all__ = ["XLARunner", "register"]
 
@@ -74,7 +82,10 @@ class XLARunner(Runner):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._xla.sync()  # cut and run the graph of this update
-        return float(norm.cpu())
+        value = float(norm.cpu())
+        if not math.isfinite(value):  # known only once the graph ran, so after the update: stop before a save
+            raise NonFiniteGradError(value, applied=True)
+        return value
 
     def clip_and_norm_tensor(self) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
