@@ -37,6 +37,9 @@ class Case:
     text: dict[str, str] = field(
         default_factory=dict
     )  # caption, report, history, findings, diagnosis, title, ...
+    #: cases that share their images by design (Quilt: the rows of one video frame, each with its own text); the
+    #: records of one group are never duplicates of each other in ``cambrian data filter``
+    group: str | None = None
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Every dropped record goes to a rejects file with the rule and the reason, so a filter run can be audited and a
 threshold tuned without guessing. Rules run cheapest first; duplicates are judged among records that passed every
-other rule. Records of the same case (same ``provenance.source`` + ``source_id``) share images by design (a
-caption record and an instruction record of one figure) and are never duplicates of each other.
+other rule. Records of the same case (same ``provenance.source`` + ``source_id``, or + ``group`` where the
+converter groups cases, as Quilt does for the rows of one frame) share images by design (a caption record and an
+instruction record of one figure) and are never duplicates of each other.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class RecordFilter:
         if self.dedup == "none":
             return None
         prov = record.get("provenance") or {}
-        case = (str(prov.get("source", "")), str(prov.get("source_id", record.get("id", ""))))
+        group = prov.get("group") or prov.get("source_id", record.get("id", ""))
+        case = (str(prov.get("source", "")), str(group))
         scope = str(record.get("stage", "")) if self.dedup_scope == "stage" else ""
         rid = str(record.get("id", ""))
         text = json.dumps([t.get("value") for t in record["conversations"]], ensure_ascii=False)

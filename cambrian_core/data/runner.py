@@ -188,6 +188,8 @@ def _finalize(rec: dict, case: Case, k: int, images: list[Path], out: Path) -> d
         prompt_version=gen.prompt_version,
         license=getattr(conv, "license", None),
     )
+    if case.group is not None:
+        provenance["group"] = case.group
     final["provenance"] = provenance
     return final
 

@@ -114,7 +114,12 @@ class QuiltConverter(Converter):
                 )
                 continue
             yield Case(
-                self.name, cid, [ImageRef(str(path))], labels=self._labels(row), text={"caption": caption}
+                self.name,
+                cid,
+                [ImageRef(str(path))],
+                labels=self._labels(row),
+                text={"caption": caption},
+                group=f"frame:{rel}",  # the frame's other rows are other texts of it, not duplicates
             )
 
     @staticmethod
