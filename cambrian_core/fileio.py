@@ -13,7 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["fsync_path", "fsync_tree", "staged_folder"]
+__all__ = ["fsync_path", "fsync_tree", "jsonl_lines", "staged_folder"]
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split on ``\\n`` only (a trailing ``\\r`` dropped).
+
+    ``str.splitlines`` also splits on U+2028, U+2029, U+0085 and \\x1c-\\x1e, which a JSON string may hold
+    unescaped (``ensure_ascii=False`` writers): one record would become two broken lines.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def fsync_path(path: Path) -> None:

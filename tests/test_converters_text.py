@@ -80,7 +80,8 @@ def test_pmc_oa_release_layout(tmp_path: Path) -> None:
             "alignment_type": "subcap",
             "alignment_score": 0.9,
         },
-        {"image": "PMC100_F1_1.jpg", "caption": "Western blot of lysates."},
+        # a raw U+2028 inside a JSON string (ensure_ascii=False writers) is not a line break of the file
+        {"image": "PMC100_F1_1.jpg", "caption": "Western blot\u2028of lysates."},
         {"image": "PMC_missing.jpg", "caption": LONG_CAPTION},
         {
             "image": "PMC101_F2_1.jpg",
@@ -88,7 +89,7 @@ def test_pmc_oa_release_layout(tmp_path: Path) -> None:
         },
     ]
     (root / "pmc_oa.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows) + "{oops\n", encoding="utf-8"
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{oops\n", encoding="utf-8"
     )
     conv = converter("pmc_oa", root, exclude_modalities=["Simulated illustration"])
     cases, rejects = split(list(conv.iter_cases()))
@@ -356,6 +357,20 @@ def test_quilt_csv_layout(tmp_path: Path) -> None:
     assert rejects["2"] == "quilt_1M_lookup-001.csv row 3: flagged not_histology=1 (not a histology image)"
     assert "vid789_image_ccc.jpg not found" in rejects["3"]
     assert sorted(split(list(converter("quilt", root, split="val").iter_cases()))[0]) == ["1"]
+    # the frame's two rows are two samples, not duplicates of each other; another source's copy of the frame is
+    from cambrian_core.data.filters import RecordFilter, filter_files
+    from cambrian_core.data.runner import convert
+    from cambrian_core.registry import GENERATORS
+
+    convert(conv, build(GENERATORS, {"type": "template"}), tmp_path / "out", progress=False)
+    records = [r for _, r in iter_records(tmp_path / "out" / "records.jsonl")]
+    assert {r["provenance"]["group"] for r in records} == {"frame:vid123_image_aaa.jpg"}
+    copy = {**records[0], "id": "other:1:0", "provenance": {"source": "other", "source_id": "1"}}
+    with (tmp_path / "out" / "records.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(copy) + "\n")
+    flt = RecordFilter(min_caption_words=1)  # the default rules otherwise, exact-image dedup included
+    stats = filter_files([tmp_path / "out" / "records.jsonl"], tmp_path / "out" / "f.jsonl", record_filter=flt)
+    assert stats.kept == len(records) and stats.dropped == {"duplicate": 1}
     (root / "quilt_1M_lookup-001.csv").write_text("caption,path\nx,y\n", encoding="utf-8")
     with pytest.raises(LayoutError, match=r"lacks column\(s\) \['image_path'\]"):
         conv.check_layout()

@@ -38,7 +38,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         for i, v in enumerate(tree):
             out.update(flatten(v, f"{prefix}[{i}]"))
     else:
-        out[prefix] = list(tree) if isinstance(tree, tuple) else dict(tree) if isinstance(tree, Mapping) else tree
+        out[prefix] = (
+            list(tree) if isinstance(tree, tuple) else dict(tree) if isinstance(tree, Mapping) else tree
+        )
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cambrian_core.data.windowing import PRESETS
+from cambrian_core.fileio import jsonl_lines
 from cambrian_core.serve.flags import placement_arguments
 
 __all__ = ["add_parser", "done_ids", "run"]
@@ -213,7 +214,7 @@ def done_ids(path: Path) -> set[str]:
 def _records(path: Path) -> list[tuple[str, dict[str, Any] | None, str | None]]:
     """``(id, record, problem)`` per non-empty line."""
     out, seen = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(path.read_text()), 1):
         if not line.strip():
             continue
         try:

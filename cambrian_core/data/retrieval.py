@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cambrian_core.fileio import jsonl_lines
+
 __all__ = [
     "Embedder",
     "Hit",
@@ -126,7 +128,7 @@ def read_corpus(root: Path, max_words: int = 200) -> list[Passage]:
         if rel.startswith(".") or "/." in rel:
             continue  # hidden folders, including the default index folder
         if path.suffix.lower() == ".jsonl":
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), 1):
                 if not line.strip():
                     continue
                 try:

@@ -34,6 +34,7 @@ from cambrian_core.data.case import Case, ImageRef, Reject
 from cambrian_core.data.classify import CaptionClass, KeywordClassifier, load_callable
 from cambrian_core.data.converter import Converter, LayoutError
 from cambrian_core.data.sources import IMAGE_EXTENSIONS, clean_text, find_image, unique_id, word_count
+from cambrian_core.fileio import jsonl_lines
 
 PMC_CLIP_IMAGES = "caption_T060_filtered_top4_sep_v0_subfigures"
 METAFILES = ("pmc_oa.jsonl", "pmc_oa_beta.jsonl")
@@ -250,7 +251,7 @@ class PmcOaConverter(Converter):
         """``(where, row)`` for each JSON object line of the metafiles holding the ``needed`` fields; a line
         that is not one is a reject naming file and line."""
         for meta in self._metafiles():
-            for lineno, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+            for lineno, line in enumerate(jsonl_lines(meta.read_text(encoding="utf-8-sig")), 1):
                 if not line.strip():
                     continue
                 where = f"{meta.name} line {lineno}"

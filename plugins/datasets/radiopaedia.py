@@ -34,6 +34,7 @@ from cambrian_core.data.sources import (
     title_folder_names,
     unique_id,
 )
+from cambrian_core.fileio import jsonl_lines
 
 #: our field -> candidate source column names (first present wins, case-insensitive)
 DEFAULT_MAPPING: dict[str, list[str]] = {
@@ -154,7 +155,7 @@ class RadiopaediaConverter(Converter):
             for n, row in rows:
                 yield f"row {n + 1}", row
         elif path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8-sig")), 1):
                 if line.strip():
                     try:
                         yield f"line {n}", json.loads(line)

@@ -19,6 +19,7 @@ from typing import Any
 
 from cambrian_core.eval.items import DataLayoutError, EvalSet, VQAItem
 from cambrian_core.eval.loaders.common import answer_type_of, check_images, text_or_none
+from cambrian_core.fileio import jsonl_lines
 
 __all__ = ["load", "parse_record"]
 
@@ -35,7 +36,7 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataLayoutError(f"{NAME}: {path} is not valid JSON ({exc})") from None
         return list(enumerate(data, start=1))
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
