@@ -238,6 +238,14 @@ def test_sampler_groups_by_length_splits_ranks_and_resumes() -> None:
         )
     with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
         GroupedBatchSampler([5, 6, 7], 4, world_size=2)
+    with pytest.raises(
+        ValueError, match=r"of 4 \(batch_size 4 x world_size 1\): 3 with images and 3 text-only"
+    ):
+        GroupedBatchSampler([5] * 6, 4, has_image=[True] * 3 + [False] * 3)
+    # a position is only meaningful under the batch layout that made it
+    state = GroupedBatchSampler(lengths, 4, seed=3).state_dict(consumed_batches=2)
+    with pytest.raises(ValueError, match=r"another layout \(batch_size 4 -> 2; world_size 1 -> 2\)"):
+        GroupedBatchSampler(lengths, 2, world_size=2, seed=3).load_state_dict(state)
 
 
 def test_the_samples_an_epoch_leaves_out_are_random_not_the_shortest() -> None:

@@ -125,3 +125,27 @@ def test_param_groups_and_warmup_cosine() -> None:
     assert lr_lambda(10, 10, 2) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="unknown scheduler `cosin`"):
         build_scheduler(opt, 10, kind="cosin")
+
+
+def test_an_update_the_fp16_scaler_skips_does_not_advance_the_schedule() -> None:
+    from cambrian_core.train.optim import build_optimizer
+    from cambrian_core.train.runners.single import SingleRunner
+
+    runner = SingleRunner("cpu")
+    runner.setup()
+    model = nn.Linear(4, 4)
+    runner.prepare(
+        model,
+        lambda named: build_optimizer(param_groups(named, 1e-3), "AdamW"),
+        lambda opt: build_scheduler(opt, total_steps=100, warmup_ratio=0.1),
+        precision="fp32",
+        clip_grad=1.0,
+    )
+    runner.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # what fp16 sets up (on CUDA only)
+    before = model.weight.detach().clone()
+    runner.backward((model(torch.ones(1, 4)) * float("inf")).sum())  # an overflowing fp16 backward
+    assert math.isinf(runner.step())
+    assert torch.equal(model.weight, before) and runner.scheduler.last_epoch == 0  # warm-up not used up
+    runner.backward(model(torch.ones(1, 4)).sum())
+    assert math.isfinite(runner.step())
+    assert not torch.equal(model.weight, before) and runner.scheduler.last_epoch == 1

@@ -297,6 +297,26 @@ def test_an_epoch_not_a_multiple_of_grad_accum_ends_with_a_shorter_update(
     )
 
 
+def test_a_held_out_record_skipped_counts_once_however_often_the_run_evaluates(
+    records: Path, tmp_path: Path
+) -> None:
+    val = tmp_path / "val.jsonl"
+    broken = {"id": "bad", "image": "images/nope.png"}
+    broken["conversations"] = [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]
+    val.write_text(records.read_text().splitlines()[0] + "\n" + json.dumps(broken) + "\n")
+    (tmp_path / "images").symlink_to(records.parent / "images")
+    out = run(
+        train_cfg(
+            records,
+            tmp_path / "w",
+            data={"val": str(val)},
+            schedule={"max_steps": 4, "eval_interval": 1},
+            checkpoint={"interval": 100},
+        )
+    )
+    assert len(out["eval_losses"]) == 4 and out["skipped"] == {"missing image": 1}
+
+
 def test_clip_grad_bounds_the_update(records: Path, tmp_path: Path) -> None:
     def train(lr: float, clip: float | None, name: str) -> dict:
         return run(
@@ -437,6 +457,14 @@ def test_cli_dry_run_errors_and_launchers(
         run(train_cfg(records, tmp_path / "w4", data={"batch_size": 4, "val_fraction": 0.9}))
     with pytest.raises(ConfigError, match=r"schedule\.grad_accum: must be >= 1, got 0"):
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
+    # settings that would do nothing are named, not ignored
+    with pytest.raises(ConfigError) as err:
+        run(train_cfg(records, tmp_path / "w5", data={"val": str(records), "val_fraction": 0.5}))
+    assert "data.val_fraction: 0.5 holds nothing out when data.val gives the held-out file" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        run(train_cfg(records, tmp_path / "w6", schedule={"eval_interval": 2, "eval_max_batches": 3}))
+    assert "schedule.eval_interval: 2 but this run evaluates nothing: set data.val" in str(err.value)
+    assert "schedule.eval_max_batches: 3 limits a held-out loss this run does not compute" in str(err.value)
 
     args = argparse.Namespace(
         config="c.py",
@@ -504,6 +532,33 @@ def test_single_runner_on_cuda_in_bf16(records: Path, tmp_path: Path) -> None:
     cpu = run(train_cfg(records, tmp_path / "cpu", **over))
     assert gpu["losses"] == pytest.approx(cpu["losses"], rel=2e-2)
     assert "rank 0/1 on cuda:0" in (tmp_path / "gpu" / "train.log").read_text()
+
+
+@pytest.mark.gpu
+def test_an_fp16_update_the_scaler_skips_leaves_the_warmup_on_cuda(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Runner.backward
+    calls = {"n": 0}
+
+    def overflowing_first(self: Runner, loss: torch.Tensor, last_micro: bool = True) -> None:
+        calls["n"] += 1
+        real(self, loss * 1e30 if calls["n"] == 1 else loss, last_micro)  # fp16 overflow in update 1 only
+
+    monkeypatch.setattr(Runner, "backward", overflowing_first)
+    cfg = train_cfg(
+        records,
+        tmp_path,
+        runner={"type": "single", "device": "cuda"},
+        schedule={"max_steps": 4, "warmup_ratio": 0.5, "precision": "fp16"},
+        checkpoint={"interval": 100},
+    )
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert not math.isfinite(train[0]["grad_norm"]) and math.isfinite(train[1]["grad_norm"])
+    # warm-up of 2 updates: the skipped update 1 used none of it, so update 2 runs at the first warm-up lr
+    assert train[1]["lr"] == pytest.approx(train[0]["lr"]) == pytest.approx(5e-4)
 
 
 def test_gradient_checkpointing_and_bf16_autocast(records: Path, tmp_path: Path) -> None:
@@ -771,6 +826,7 @@ def test_a_rank_whose_held_out_share_was_skipped_runs_the_same_modality_as_the_o
             skips=types.SimpleNamespace(add=lambda s: None),
             _loader=lambda dataset, plan: (collate([dataset[i] for i in idx]) for idx in plan),
             step=0,
+            last_eval_step=-1,
             history=[],
             logger=types.SimpleNamespace(
                 log=lambda step, values, split: logged.update(values), message=print

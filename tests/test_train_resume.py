@@ -264,3 +264,62 @@ def test_a_resave_killed_between_its_renames_loses_no_checkpoint(tmp_path: Path,
     assert found.name == ".old-step_00000002" and m.resolve("auto") == found
     m.save(4, lambda d: (d / "w.bin").write_bytes(b"third"))  # the next save puts it back, then rotates
     assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
+
+
+def _stop_after_first_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = TrainRecipe.save
+
+    def save_then_stop(self: TrainRecipe) -> Path:
+        real_save(self)
+        monkeypatch.setattr(TrainRecipe, "save", real_save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainRecipe, "save", save_then_stop)
+
+
+def test_resume_checks_the_batch_layout_names_optim_changes_and_keeps_tensorboard(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {**OVER, "log": {"tensorboard": True, "interval": 1}}
+    _stop_after_first_save(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cfg(records, tmp_path, **over))
+    # micro-batches of another size: the saved position would skip and repeat samples
+    smaller = {**over, "data": {"batch_size": 1}}
+    with pytest.raises(
+        CheckpointError, match=r"another layout \(batch_size 2 -> 1\).*schedule.gradient_checkpointing"
+    ):
+        run(train_cfg(records, tmp_path, **smaller), resume="auto")
+    lower = {**over, "optim": {"lr": 1e-5, "weight_decay": 0.1}}
+    assert run(train_cfg(records, tmp_path, **lower), resume="auto")["step"] == 6
+    log = (tmp_path / "train.log").read_text()
+    assert (
+        "WARNING: changed since step_00000002 was saved and NOT applied (its optimiser state keeps the old values): "
+        "optim.lr 0.001 -> 1e-05, optim.weight_decay 0.0 -> 0.1; to train on with them, start a new run with "
+        "load_from=" in log
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]  # the checkpoint's step kept
+
+
+def test_a_rollback_sets_the_abandoned_runs_later_checkpoints_aside(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {**OVER, "checkpoint": {"interval": 2, "keep_last": 3}}
+    run(train_cfg(records, tmp_path, **over))
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert [p.name for p in manager.complete()] == ["step_00000002", "step_00000004", "step_00000006"]
+    _stop_after_first_save(monkeypatch)  # back to step 2 (say, after a loss spike), interrupted after step 4
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cfg(records, tmp_path, **over), resume=str(tmp_path / "checkpoints" / "step_00000002"))
+    assert [p.name for p in manager.complete()] == ["step_00000002", "step_00000004"]
+    assert manager.resolve("auto").name == "step_00000004"  # the rolled-back run, not the abandoned step 6
+    aside = list((tmp_path / "previous").glob("*/checkpoints/*"))
+    assert sorted(p.name for p in aside) == ["step_00000004", "step_00000006"]
+    assert (
+        "the abandoned run's later checkpoints step_00000004, step_00000006 moved to"
+        in (tmp_path / "train.log").read_text()
+    )

@@ -163,6 +163,17 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
         return removed
 
+    def later_than(self, step: int) -> list[Path]:
+        """Every ``step_*`` folder (complete or not, and a re-save's ``.old-step_*``) of a step after ``step``."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            m = _STEP_RE.match(p.name.removeprefix(".old-"))
+            if m and p.is_dir() and int(m.group(1)) > step:
+                out.append(p)
+        return out
+
     # ----------------------------------------------------------------------------------------------- finding
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

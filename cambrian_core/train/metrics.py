@@ -241,7 +241,9 @@ class MetricLogger:
                     "log.tensorboard=True needs the tensorboard package: pip install tensorboard "
                     "(or set log.tensorboard=False)"
                 ) from exc
-            self.tb = SummaryWriter(str(self.work_dir / "tensorboard"), purge_step=start_step or None)
+            self.tb = SummaryWriter(
+                str(self.work_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
             if config:
                 self.tb.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
         if wandb is not None:

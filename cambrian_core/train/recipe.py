@@ -13,6 +13,7 @@ LLM), on any runner (``single``, ``fsdp``, ``deepspeed``, ``xla``). What runs wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from cambrian_core.config.schema import (
 )
 from cambrian_core.model.encoder import StagedTokens
 from cambrian_core.registry import CHECKPOINTS, MODELS, RUNNERS, build
-from cambrian_core.train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from cambrian_core.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from cambrian_core.train.collate import Collator
 from cambrian_core.train.data import (
     JsonlIndex,
@@ -282,6 +283,31 @@ class TrainRecipe:
                     )
         if not 0.0 <= self.data.val_fraction < 1.0:
             problems.append(Problem("data.val_fraction", f"{self.data.val_fraction} must be in [0, 1)"))
+        elif self.data.val and self.data.val_fraction > 0:
+            problems.append(
+                Problem(
+                    "data.val_fraction",
+                    f"{self.data.val_fraction} holds nothing out when data.val gives the held-out file; "
+                    "remove one of the two",
+                )
+            )
+        held_out = bool(self.data.val) or self.data.val_fraction > 0
+        if self.sched.eval_interval and not held_out and not self.cfg.get("eval"):
+            problems.append(
+                Problem(
+                    "schedule.eval_interval",
+                    f"{self.sched.eval_interval} but this run evaluates nothing: set data.val or "
+                    "data.val_fraction (held-out loss) or an eval section (VQA metrics), or remove it",
+                )
+            )
+        if self.sched.eval_max_batches and not held_out:
+            problems.append(
+                Problem(
+                    "schedule.eval_max_batches",
+                    f"{self.sched.eval_max_batches} limits a held-out loss this run does not compute: set "
+                    "data.val or data.val_fraction, or remove it",
+                )
+            )
         for key, value in (
             ("data.batch_size", self.data.batch_size),
             ("schedule.grad_accum", self.sched.grad_accum),
@@ -691,10 +717,15 @@ class TrainRecipe:
             self._set_aside_earlier_run()
             return
         self.announce(f"setup: resuming from {folder}")
-        r.load_state(folder)
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        try:  # first: a position that cannot be used fails before the weights load
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            raise CheckpointError(f"--resume {folder}: {exc}") from None
+        r.load_state(folder)
         self.step = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
+        self._set_aside_later_checkpoints()
+        self._announce_optim_changes(folder)
         self.history = list(state.get("history", []))
         # the run's cumulative skip counts and its last held-out evaluation go on from where they were
         self.skips.counts.update({str(k): int(v) for k, v in state.get("skipped", {}).items()})
@@ -723,15 +754,55 @@ class TrainRecipe:
             ckpts = self.work_dir / "checkpoints"
             found = [n for n in self._RUN_OUTPUTS if (self.work_dir / n).exists()]
             if (ckpts.is_dir() and any(ckpts.iterdir())) or "metrics.jsonl" in found:
-                dest = self.work_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-                while dest.exists():
-                    dest = dest.with_name(dest.name + "+")
-                dest.mkdir(parents=True)
+                dest = self._previous_dir()
                 for name in found:
                     os.replace(self.work_dir / name, dest / name)
                 self.announce(
                     f"setup: an earlier run's {', '.join(found)} moved to {dest} (this run starts at step 0; "
                     "pass --resume auto to continue a run instead)"
+                )
+        r.barrier()
+
+    def _announce_optim_changes(self, folder: Path) -> None:
+        """Name the ``optim`` settings changed since ``folder`` was saved: the optimiser state it restores (each
+        group's lr, weight decay, betas, eps) is what the resumed run goes on with, as in HF Trainer."""
+        try:
+            old = json.loads((folder / "config.json").read_text()).get("optim") or {}
+            before = json.loads(json.dumps(dataclasses.asdict(OptimSection(**old))))
+        except (OSError, ValueError, TypeError):  # no readable config there (older or foreign checkpoint)
+            return
+        now = json.loads(json.dumps(dataclasses.asdict(self.optim)))
+        changed = [f"optim.{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+        if changed:
+            self.announce(
+                f"setup: WARNING: changed since {folder.name} was saved and NOT applied (its optimiser state "
+                f"keeps the old values): {', '.join(changed)}; to train on with them, start a new run with "
+                f"load_from={folder} (its weights, a fresh optimiser and schedule)"
+            )
+
+    def _previous_dir(self) -> Path:
+        """A new, empty ``work_dir/previous/<time>/`` for outputs of an abandoned run."""
+        dest = self.work_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        dest.mkdir(parents=True)
+        return dest
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """Resuming from an earlier step than this work dir's newest checkpoint (a rollback) moves the later
+        checkpoints to ``previous/<time>/checkpoints/``: rotation would otherwise delete the resumed run's new
+        checkpoints (lower step numbers) first, and ``--resume auto`` would go back to the abandoned run."""
+        r = self.runner
+        if r.is_main and not self.dry_run:
+            later = self.checkpoints.later_than(self.step)
+            if later:
+                dest = self._previous_dir() / "checkpoints"
+                dest.mkdir()
+                for folder in later:
+                    os.replace(folder, dest / folder.name)
+                self.announce(
+                    f"setup: this run goes on from step {self.step}, so the abandoned run's later checkpoints "
+                    f"{', '.join(f.name for f in later)} moved to {dest}"
                 )
         r.barrier()
 
@@ -907,11 +978,12 @@ class TrainRecipe:
         plan = sampler.exact_batches()
         r.model.eval()
         loss_sum, count, fallback = 0.0, 0, {}
+        first = self.last_eval_step < 0  # the held-out records skipped are counted once in the run's summary
         loader = self._loader(self.val_set, [indices for indices, _ in plan])
         for i, ((_, counts), batch) in enumerate(zip(plan, loader, strict=True)):
             if self.sched.eval_max_batches and i >= self.sched.eval_max_batches:
                 break
-            if counts:
+            if counts and first:
                 for sk in batch["skipped"]:
                     self.skips.add(sk)
             if not batch["num_samples"]:  # every sample of this share was skipped

@@ -75,9 +75,16 @@ class GroupedBatchSampler:
         self.epoch = 0
         self.start_batch = 0  # batches of the current epoch already consumed (resume)
         if len(self) == 0:
+            n_img = int(self.has_image.sum())
+            mixed = (
+                f": {n_img} with images and {len(self.has_image) - n_img} text-only, and each batch holds one "
+                "kind"
+                if 0 < n_img < len(self.has_image)
+                else ""
+            )
             raise ValueError(
                 f"{len(self.lengths)} samples cannot fill one global batch of {self.global_batch} "
-                f"(batch_size {batch_size} x world_size {world_size}); lower the batch size or add data"
+                f"(batch_size {batch_size} x world_size {world_size}){mixed}; lower the batch size or add data"
             )
 
     @property
@@ -103,14 +110,48 @@ class GroupedBatchSampler:
         n_txt = len(self.has_image) - n_img
         return {"image": n_img % self.global_batch, "text": n_txt % self.global_batch}
 
+    def _layout(self) -> dict[str, int]:
+        """What a saved position (an epoch's batches consumed) only means under: the epoch's batches."""
+        return {
+            "samples": len(self.lengths),
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "group_by_length": int(self.group_by_length),
+            "shuffle": int(self.shuffle),
+        }
+
     def state_dict(self, consumed_batches: int) -> dict[str, int]:
-        """Position to resume from: the epoch and how many of its batches the trainer has consumed."""
-        return {"epoch": self.epoch, "consumed_batches": consumed_batches, "seed": self.seed}
+        """Position to resume from: the epoch and how many of its batches the trainer has consumed, with the
+        layout that makes those batches."""
+        return {
+            "epoch": self.epoch,
+            "consumed_batches": consumed_batches,
+            "seed": self.seed,
+            **self._layout(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the saved position (the next ``__iter__`` skips the consumed batches)."""
+        """Continue at the saved position (the next ``__iter__`` skips the consumed batches).
+
+        Raises:
+            ValueError: the state was saved under another seed or batch layout (its position would then skip
+                some samples of the epoch and repeat others).
+        """
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
+        changed = [
+            f"{key} {int(state[key])} -> {value}"
+            for key, value in self._layout().items()
+            if key in state and int(state[key]) != value  # (checkpoints of older versions lack the layout)
+        ]
+        if changed:
+            raise ValueError(
+                f"the checkpoint's data position counts batches of another layout ({'; '.join(changed)}): "
+                "resuming would skip some samples of the epoch and repeat others. Resume with the checkpoint's "
+                "data.batch_size, number of processes and training data (lower memory with "
+                "schedule.gradient_checkpointing or a smaller data.max_length; schedule.grad_accum may change), or "
+                "start a new run without --resume"
+            )
         self.epoch = int(state["epoch"])
         self.start_batch = int(state["consumed_batches"])
 

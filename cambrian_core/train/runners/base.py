@@ -206,12 +206,16 @@ class Runner:
         if self.scaler is None and not math.isfinite(norm):  # fp16's scaler skips such a step itself
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradError(norm)
+        applied = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # the scale drops exactly when it skipped the step
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if applied:  # a skipped fp16 update does not use up the schedule (warm-up included), as in HF Trainer
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

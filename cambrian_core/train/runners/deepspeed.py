@@ -55,7 +55,13 @@ def fill_ds_config(
     precision: str,
     clip_grad: float | None,
 ) -> dict[str, Any]:
-    """A DeepSpeed config with every ``"auto"`` resolved and precision / clipping set from the run."""
+    """A DeepSpeed config with every ``"auto"`` resolved and precision / clipping set from the run.
+
+    Raises:
+        ValueError: the JSON declares an optimiser or schedule, keeps an ``"auto"`` cambrian cannot fill, or
+            sets a concrete value the run sets itself to something else (batch sizes, accumulation, clipping,
+            precision): DeepSpeed would otherwise follow the JSON, or fail without naming the run's setting.
+    """
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise ValueError(
@@ -63,17 +69,35 @@ def fill_ds_config(
                 "(optim / schedule sections, per-module lrs); remove that section from the JSON"
             )
     cfg = copy.deepcopy(dict(config))
-    fill = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": float(clip_grad or 0.0),
+    fill = {  # key -> (the run's value, the setting it comes from)
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "data.batch_size"),
+        "gradient_accumulation_steps": (grad_accum, "schedule.grad_accum"),
+        "train_batch_size": (
+            micro_batch_size * grad_accum * world_size,
+            f"data.batch_size x schedule.grad_accum x {world_size} process(es)",
+        ),
+        "gradient_clipping": (float(clip_grad or 0.0), "schedule.clip_grad (None = 0.0)"),
     }
-    for k, v in fill.items():
-        if cfg.get(k, "auto") == "auto":
+    clashes = []
+    for k, (v, origin) in fill.items():
+        given = cfg.get(k, "auto")
+        if given == "auto":
             cfg[k] = v
-    cfg["bf16"] = {**(cfg.get("bf16") or {}), "enabled": precision == "bf16"}
-    cfg["fp16"] = {**(cfg.get("fp16") or {}), "enabled": precision == "fp16"}
+        elif given != v:
+            clashes.append(f"{k} = {given!r} (the run's {origin} gives {v!r})")
+    for kind in ("bf16", "fp16"):
+        section = dict(cfg.get(kind) or {})
+        wanted = precision == kind
+        if section.get("enabled", "auto") not in ("auto", wanted):
+            clashes.append(
+                f"{kind}.enabled = {section['enabled']!r} (the run's schedule.precision is {precision!r})"
+            )
+        cfg[kind] = {**section, "enabled": wanted}
+    if clashes:
+        raise ValueError(
+            f'the DeepSpeed config sets values the run sets itself: {"; ".join(clashes)}; write "auto" there '
+            "(cambrian fills it in) or change the run's setting"
+        )
     # "auto" sizes in zero_optimization (buckets, prefetch, persistence) take DeepSpeed's defaults
     zero = cfg.get("zero_optimization", {})
     cfg["zero_optimization"] = {k: v for k, v in zero.items() if v != "auto"}
