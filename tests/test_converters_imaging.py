@@ -10,6 +10,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +26,7 @@ from cambrian_core.cli import main
 from cambrian_core.data.case import Reject
 from cambrian_core.data.converter import LayoutError
 from cambrian_core.data.medimage import load_image
+from cambrian_core.data.output_store import RunConflictError
 from cambrian_core.data.runner import convert
 
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
@@ -297,6 +299,32 @@ def test_deeplesion_neighbours_and_key_slices_folder(deeplesion_tree, tmp_path):
     assert summary.converted == 1 and _by_case(records)["000001_01_01_109"]["caption"]
 
 
+def test_other_converter_settings_in_the_same_out_are_a_conflict_not_a_resume(deeplesion_tree, tmp_path):
+    import shutil
+
+    src, _ = deeplesion_tree
+    out = tmp_path / "out"
+    first = _run("deeplesion", src, out)[0]  # drop_noisy=True: 000002 is rejected, and done
+    assert _run("deeplesion", src, out)[0].skipped["already_done"] == first.total_done == 4  # same: resumes
+    with pytest.raises(
+        RunConflictError, match=r"other settings \(arguments\.drop_noisy: True there, False now\)"
+    ):
+        _run("deeplesion", src, out, drop_noisy=False)
+    with pytest.raises(RunConflictError, match=r"\(arguments\.neighbors: 1 there, 2 now\)"):
+        _run("deeplesion", src, out, neighbors=2)
+    shutil.copytree(src, tmp_path / "copy")
+    moved = re.escape(f"arguments.src: {src.resolve()} there, {(tmp_path / 'copy').resolve()} now")
+    with pytest.raises(RunConflictError, match=moved):
+        _run("deeplesion", tmp_path / "copy", out)
+    recorded = {"drop_noisy": "True", "neighbors": "1", "src": str(src.resolve())}
+    info = json.loads((out / "run.json").read_text())
+    assert info["arguments"] == recorded
+    del info["arguments"]  # a folder written before the arguments were recorded still resumes
+    (out / "run.json").write_text(json.dumps(info))
+    assert _run("deeplesion", src, out)[0].skipped["already_done"] == 4
+    assert json.loads((out / "run.json").read_text())["arguments"] == recorded
+
+
 def test_deeplesion_bad_header(tmp_path):
     (tmp_path / "Images_png").mkdir()
     (tmp_path / "DL_info.csv").write_text("File_name,Key_slice_index\n")
@@ -517,6 +545,24 @@ def test_mama_mia_multi_phase_and_cli(mama_tree, tmp_path, capsys):
     (tmp_path / "bare" / "images" / "DUKE_002").mkdir(parents=True)
     assert main(["convert", "mama_mia", "--src", str(tmp_path / "bare"), "--out", str(tmp_path / "o2")]) == 2
     assert "mama_mia: no clinical table in" in capsys.readouterr().err
+
+
+def test_mama_mia_one_file_per_phase_when_nii_and_nii_gz_sit_side_by_side(mama_tree, tmp_path):
+    import shutil
+
+    src = tmp_path / "mama"
+    shutil.copytree(mama_tree, src)
+    folder = src / "images" / "DUKE_001"
+    for gz in sorted(folder.glob("*.nii.gz")):  # `gunzip -k`, as MultiViewDx unpacks them
+        (folder / gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+    (folder / "duke_001_0002.nii.gz").unlink()  # a phase only unpacked is still found
+    multi = [c for c in build(DATASETS, {"type": "mama_mia", "src": str(src), "views": "multi"}).iter_cases()
+             if not isinstance(c, Reject)]  # fmt: skip
+    assert [c.case_id for c in multi] == ["DUKE_001"] and multi[0].labels["phases"] == [0, 1, 2]
+    names = [Path(ref.path).name for ref in multi[0].images]
+    assert names == ["duke_001_0000.nii.gz", "duke_001_0001.nii.gz", "duke_001_0002.nii"]
+    single = [c.case_id for c in build(DATASETS, {"type": "mama_mia", "src": str(src)}).iter_cases()]
+    assert single == ["DUKE_001/0000", "DUKE_001/0001", "DUKE_001/0002", "ISPY1_1001"]
 
 
 def test_every_imaging_converter_is_registered():

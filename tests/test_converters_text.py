@@ -369,7 +369,9 @@ def test_quilt_csv_layout(tmp_path: Path) -> None:
     with (tmp_path / "out" / "records.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(copy) + "\n")
     flt = RecordFilter(min_caption_words=1)  # the default rules otherwise, exact-image dedup included
-    stats = filter_files([tmp_path / "out" / "records.jsonl"], tmp_path / "out" / "f.jsonl", record_filter=flt)
+    stats = filter_files(
+        [tmp_path / "out" / "records.jsonl"], tmp_path / "out" / "f.jsonl", record_filter=flt
+    )
     assert stats.kept == len(records) and stats.dropped == {"duplicate": 1}
     (root / "quilt_1M_lookup-001.csv").write_text("caption,path\nx,y\n", encoding="utf-8")
     with pytest.raises(LayoutError, match=r"lacks column\(s\) \['image_path'\]"):
@@ -713,6 +715,23 @@ def test_llava_import_through_runner_keeps_conversations(tmp_path: Path) -> None
     assert got["stage"] == "instruct" and (out / got["image"]).is_file()
     (reject,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["case_id"] == "b1" and "not found" in reject["reason"]
+
+
+def test_llava_med_misspelt_conversatons_key_is_read(tmp_path: Path) -> None:
+    root = tmp_path / "pvqa"
+    jpeg(root / "test" / "test_0012.jpg", 1)
+    turns = [{"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": "granuloma"}]
+    records = [  # vqa_formats.md §5: PathVQA's LLaVA-Med files spell it `conversatons`
+        {"id": 300012003, "image": "test/test_0012.jpg", "answer_type": "OPEN", "conversatons": turns},
+        {"id": 7, "image": "test/test_0012.jpg", "conversations": turns, "conversatons": []},  # ours wins
+        {"id": 8, "image": "test/test_0012.jpg"},
+    ]
+    (root / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    conv = converter("llava", root)
+    cases, rejects = split(list(conv.iter_cases()))
+    assert sorted(cases) == ["300012003", "7"] and list(rejects) == ["8"]
+    assert conv.offline_qa(cases["300012003"]) == [("What is shown?", "granuloma")]
+    assert conv.offline_qa(cases["7"]) == [("What is shown?", "granuloma")]
 
 
 def test_eurorad_differentials_split_on_lines_semicolons_and_capitalised_commas() -> None:

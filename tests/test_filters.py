@@ -259,6 +259,30 @@ def test_body_part_keywords_match_whole_word_starts(caption: str, body_part: str
     assert KeywordClassifier()(caption).body_part == body_part
 
 
+@pytest.mark.parametrize(
+    ("caption", "modality"),
+    [  # angiography is DSA only when catheter-based: CT, MR and optical angiography keep their modality
+        ("Axial CT angiography shows a saccular aneurysm of the anterior communicating artery.", "CT"),
+        ("Coronal CTA of the abdomen shows a dissection flap in the aorta.", "CT"),
+        ("Magnetic resonance angiography of the circle of Willis shows occlusion of the left MCA.", "MR"),
+        ("Time-of-flight MR angiography of the circle of Willis.", "MR"),
+        ("MRA of the renal arteries shows a stenosis.", "MR"),
+        (
+            "Fluorescein angiography of the right eye shows leakage from choroidal neovascularisation.",
+            "Optical Image",
+        ),
+        ("Indocyanine green angiography of the macula.", "Optical Image"),
+        ("OCTA of the macula shows a neovascular membrane.", "OCT"),
+        ("Digital subtraction angiography of the left internal carotid artery.", "DSA"),
+        ("DSA shows the aneurysm first seen on CT.", "DSA"),
+        ("Catheter angiography confirmed the aneurysm.", "DSA"),
+        ("Coronary angiogram showing occlusion of the LAD.", "DSA"),  # names no other modality
+    ],
+)
+def test_angiography_goes_to_its_modality(caption: str, modality: str) -> None:
+    assert KeywordClassifier()(caption).modality == modality
+
+
 def test_mix_ratios_manifest_and_errors(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

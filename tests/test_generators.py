@@ -499,7 +499,7 @@ def test_openai_generator_through_runner_resumes_failed_cases(tmp_path: Path) ->
             assert pickle.loads(pickle.dumps(gen)).base_url == api.url  # spawn-safe for worker processes
             return convert(build(DATASETS, {"type": "llava", "src": str(src)}), gen, out, progress=False)
 
-    first = run([good, reply(completion("not json"))])  # r1's reply is unusable
+    first = run([good, SERVER_ERROR])  # r1 meets a server error (max_retries=0): transient, retried
     assert (first.converted, first.failed) == (1, 1)
     second = run([good])  # rerun: only the failed case is asked again
     assert (second.converted, second.failed) == (1, 0) and second.skipped == {"already_done": 1}
@@ -512,6 +512,26 @@ def test_openai_generator_through_runner_resumes_failed_cases(tmp_path: Path) ->
         {"from": "human", "value": "<image>\nModality?"},
         {"from": "gpt", "value": "CT."},
     ]
+
+
+def test_unusable_replies_are_a_generator_reject_that_a_rerun_does_not_retry(tmp_path: Path) -> None:
+    from cambrian_core.data.runner import convert
+
+    src, out = llava_set(tmp_path, 2), tmp_path / "out"
+
+    def run(script: list[dict]) -> tuple[Any, int]:
+        with FakeAPI(script, default=GOOD_QA) as api:
+            gen = api_generator(api.url, max_reasks=1, max_concurrency=1)
+            summary = convert(build(DATASETS, {"type": "llava", "src": str(src)}), gen, out, progress=False)
+        return summary, len(api.requests)
+
+    first, sent = run([GOOD_QA, reply(completion("not json")), reply(completion("I'm sorry, I can't."))])
+    assert (first.converted, first.rejected, first.failed, sent) == (1, {"generator": 1}, 0, 3)
+    (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert (reject["case_id"], reject["kind"], reject.get("retry")) == ("r1", "generator", None)
+    assert reject["reason"].startswith("GenerationError: model m gave no valid qa JSON after 2 attempt(s)")
+    again, sent = run([])
+    assert (again.converted, again.failed, sent) == (0, 0, 0) and again.skipped == {"already_done": 2}
 
 
 @pytest.mark.parametrize(("workers", "per_process"), [(1, 4), (2, 2)])

@@ -239,6 +239,20 @@ def test_png16_hu_and_full_range(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("window", [(50, 450), [50, 450], "50,450", " Abdomen ", "lung"])
+def test_an_8bit_key_slice_ignores_an_hu_window_however_given(tmp_path, window):
+    Image.fromarray(np.array([[10, 200]], dtype=np.uint8)).save(tmp_path / "key8.png")
+    got = _grey(load_image(tmp_path / "key8.png", kind="png16_hu", window=window))
+    assert got[0].tolist() == [10, 200]  # used as stored: the CLI's "50,450" / "lung" are HU windows too
+
+
+def test_an_8bit_key_slice_keeps_grey_level_modes_and_names_a_bad_window(tmp_path):
+    Image.fromarray(np.array([[10, 200]], dtype=np.uint8)).save(tmp_path / "key8.png")
+    assert _grey(load_image(tmp_path / "key8.png", kind="png16_hu", window="minmax"))[0].tolist() == [0, 255]
+    with pytest.raises(ValueError, match="unknown window 'lungs'"):
+        load_image(tmp_path / "key8.png", kind="png16_hu", window="lungs")
+
+
 def test_tiff_jpeg_png_and_mime(tmp_path):
     rgb = (np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.tif")

@@ -22,15 +22,25 @@ __all__ = [
     "medical_domain",
 ]
 
+#: words that make an "angiography" CT, MR or optical (fluorescein, ICG, OCT-A) rather than catheter angiography
+_NOT_CATHETER_ANGIO = (
+    r"\bct\b|\bcta\b|computed tomograph|\bmri?\b|\bmra\b|magnetic resonance|fluoresce|indocyanine|\bicga?\b|"
+    r"\bocta?\b|optical coherence|fundus"
+)
+
 #: modality vocabulary of §A.1.4 (spelling fixed) with keyword patterns; first match wins, so order matters
 MODALITIES: list[tuple[str, str]] = [
     ("PET/SPECT", r"\bpet\b|positron emission|\bspect\b|fdg|\bpet[/-]ct\b"),
-    ("DSA", r"\bdsa\b|digital subtraction|angiogra(?:m|phy)"),
-    ("OCT", r"\boct\b|optical coherence tomograph"),
+    (  # explicit DSA / catheter wording, or an angiogram that names no other modality
+        "DSA",
+        r"\bdsa\b|digital[- ]subtraction|\bcatheter(?:[- ]based)? angiogra|"
+        rf"^(?![\s\S]*(?:{_NOT_CATHETER_ANGIO}))[\s\S]*angiogra",
+    ),
+    ("OCT", r"\bocta?\b|optical coherence tomograph"),
     ("CT", r"\bct\b|\bcta\b|\bhrct\b|computed tomograph|\bcbct\b|\bmdct\b|hounsfield"),
     (
         "MR",
-        r"\bmri?\b|magnetic resonance|t1[- ]?weighted|t2[- ]?weighted|\bflair\b|\bdwi\b|diffusion[- ]weighted|\badc map",
+        r"\bmri?\b|\bmra\b|magnetic resonance|t1[- ]?weighted|t2[- ]?weighted|\bflair\b|\bdwi\b|diffusion[- ]weighted|\badc map",
     ),
     (
         "Ultrasound",
@@ -48,7 +58,7 @@ MODALITIES: list[tuple[str, str]] = [
         r"histopatholog|biopsy|cytolog|stained|staining|magnification|micrograph|\bx\s?\d{2,3}\b|\d{2,3}\s?x\b",
     ),
     ("gross pathology", r"gross (?:specimen|appearance|pathology)|resected specimen|macroscopic|cut surface"),
-    ("Optical Image", r"fluorescen|confocal|fundus|slit[- ]lamp|microscop"),
+    ("Optical Image", r"fluoresce|indocyanine|\bicga\b|confocal|fundus|slit[- ]lamp|microscop"),
     ("Electrophoresis", r"western blot|immunoblot|electrophores|\bgel\b|\bpcr\b product"),
     ("Camera", r"photograph|clinical photo|intraoperative|intra-operative|clinical appearance"),
     (

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import abc
+import inspect
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from cambrian_core.data.case import Case, Reject
 
 __all__ = ["Converter", "LayoutError"]
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` that is the same in every process: no memory address (functions, objects), sets sorted."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(_stable_repr, value))) + "}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 class LayoutError(ValueError):
@@ -25,6 +35,12 @@ class Converter(abc.ABC):
     license: ClassVar[str | None] = None
     #: keywords every converter takes besides its own (``window``: CT/MR display window for all its scans)
     common_options: ClassVar[tuple[str, ...]] = ("window",)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Converter:
+        obj = super().__new__(cls)
+        # the call, for :meth:`arguments` (unpickling calls __new__ bare, then restores this attribute)
+        obj._init_call = (args, kwargs)
+        return obj
 
     def __init__(self, src: str, views: Literal["single", "multi"] = "single", **options: Any) -> None:
         if views not in ("single", "multi"):
@@ -45,6 +61,24 @@ class Converter(abc.ABC):
         self.src = str(src)
         self.views = views
         self.options = options
+
+    def arguments(self) -> dict[str, str]:
+        """Every constructor argument, defaults filled in, as ``repr`` strings (``src``: the resolved path when it
+        exists); recorded in the run settings, so an output folder cannot be resumed with other converter settings.
+        """
+        args, kwargs = self._init_call
+        signature = inspect.signature(type(self).__init__)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        out: dict[str, str] = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out.update((k, _stable_repr(v)) for k, v in value.items())
+            else:
+                out[name] = _stable_repr(value)
+        src = Path(self.src)
+        out["src"] = str(src.resolve()) if src.exists() else str(self.src)  # e.g. bundled_demo's "auto"
+        return dict(sorted(out.items()))
 
     @abc.abstractmethod
     def check_layout(self) -> None:

@@ -561,8 +561,8 @@ def _load_raster(path: Path, kind: str, opts: dict) -> Image.Image:
         return _gray_to_image(_apply_window(arr, opts.get("window"), None, "minmax"), invert)
     if kind == "png16_hu":  # DeepLesion key slices may already be 8-bit renderings: use them as they are
         log.debug("%s: %s image, not 16-bit HU; used as stored", path, im.mode)
-        # the study's HU (centre, width) means nothing for grey levels
-        if isinstance(opts.get("window"), (tuple, list)):
+        # the study's HU (centre, width), however given ("lung", "40,400", (40, 400)), means nothing for grey levels
+        if isinstance(resolve_window(opts.get("window")), tuple):
             opts = {k: v for k, v in opts.items() if k != "window"}
     if im.mode in ("L", "1", "P", "LA") and (invert or opts.get("window") not in (None, "auto")):
         arr = np.asarray(im.convert("L"))

@@ -40,6 +40,17 @@ def _reject_case(line: dict) -> str | None:
     return line.get("case_id")
 
 
+def _change(key: str, old: Any, new: Any) -> str:
+    """``key: old there, new now``; for the dicts of ``repr`` strings (options, arguments) one part per entry."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{key}: {old!r} there, {new!r} now"
+    return ", ".join(
+        f"{key}.{k}: {old.get(k, 'unset')} there, {new.get(k, 'unset')} now"
+        for k in sorted({*old, *new})
+        if old.get(k) != new.get(k)
+    )
+
+
 class OutputStore:
     """Opens (and repairs) ``out_dir``, then appends committed batches durably."""
 
@@ -72,10 +83,11 @@ class OutputStore:
                 old = json.loads(path.read_text())
             except json.JSONDecodeError:
                 old = None
+            # a key the folder's run.json lacks (written by an older version) is not checked
             if isinstance(old, dict):
                 diff = [k for k in info if k in old and old[k] != info[k]]
                 if diff:
-                    what = ", ".join(f"{k}: {old[k]!r} there, {info[k]!r} now" for k in diff)
+                    what = ", ".join(_change(k, old[k], info[k]) for k in diff)
                     raise RunConflictError(
                         f"{self.root} holds a run with other settings ({what}); resume with the same settings "
                         "or choose another --out"

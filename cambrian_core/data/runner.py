@@ -5,8 +5,9 @@ output files through :class:`~cambrian_core.data.output_store.OutputStore`, in t
 interrupted run continued later writes exactly what an uninterrupted one would have. ``shard=(i, n)`` keeps the
 cases whose stable hash of ``case_id`` is ``i`` modulo ``n``; ``limit`` keeps the first cases of the shard.
 
-Outcomes per case: **converted** (records written, id in ``done.txt``); **rejected** (bad input or output, the
-reason in ``rejects.jsonl``, id in ``done.txt``: not retried); **failed** (an unexpected error such as a network
+Outcomes per case: **converted** (records written, id in ``done.txt``); **rejected** (bad input or output, a
+generator's :class:`~cambrian_core.data.generators.base.CaseRejected` included: the reason in ``rejects.jsonl``,
+id in ``done.txt``: not retried); **failed** (an unexpected error such as a network
 failure: recorded in ``rejects.jsonl`` with ``"retry": true`` but not marked done, so a rerun retries it).
 A generator error that no later case can escape (:class:`~cambrian_core.data.generators.base.StopRun`: a rejected
 API key, a wrong endpoint) stops the run after committing what finished (:class:`RunStopped`).
@@ -37,7 +38,7 @@ from typing import Any
 
 from cambrian_core.data.case import Case, Reject
 from cambrian_core.data.converter import Converter
-from cambrian_core.data.generators.base import Generator, StopRun
+from cambrian_core.data.generators.base import CaseRejected, Generator, StopRun
 from cambrian_core.data.medimage import ImageLoadError, load_image, to_png_bytes
 from cambrian_core.data.output_store import OutputStore
 from cambrian_core.data.records import conversation_problem
@@ -219,7 +220,7 @@ def _process(item: Case | Reject) -> tuple[str, str, Any]:
         raw = gen.generate(conv, item, paths)
     except ImageLoadError as exc:
         return item.case_id, "reject", ("image", str(exc))
-    except ValueError as exc:  # bad labels / unusable generator output
+    except (ValueError, CaseRejected) as exc:  # bad labels / unusable generator output: not retried
         return item.case_id, "reject", ("generator", f"{type(exc).__name__}: {exc}")
     except StopRun as exc:
         return item.case_id, "stop", ("error", f"{type(exc).__name__}: {exc}")
@@ -340,12 +341,15 @@ def convert(
     start = time.monotonic()
     converter.check_layout()
     out = Path(out_dir).resolve()
+    recorded = ("views", *converter.options)  # under their own keys below
     run_info = {
         "source": converter.name,
         "generator": generator.name,
         "prompt_version": generator.prompt_version,
         "views": converter.views,
         "options": {k: repr(v) for k, v in sorted(converter.options.items())},
+        # the converter's own keywords (DeepLesion drop_noisy, Quilt split...) and src: other values, other cases
+        "arguments": {k: v for k, v in converter.arguments().items() if k not in recorded},
         "shard": list(shard),
         "max_size": max_size,
     }

@@ -104,7 +104,9 @@ class LlavaConverter(Converter):
                 yield Reject(self.name, f"#{n}", f"{path.name}: {rec}")
                 continue
             cid = unique_id(str(rec.get("id") or f"#{n}"), seen)
-            turns, problem = normalise_turns(rec.get("conversations"))
+            # LLaVA-Med files (PathVQA...) spell the key `conversatons` (vqa_formats.md §5)
+            conv = rec["conversations"] if "conversations" in rec else rec.get("conversatons")
+            turns, problem = normalise_turns(conv)
             if turns is None:
                 yield Reject(self.name, cid, f"{where}: {problem}")
                 continue

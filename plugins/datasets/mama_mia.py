@@ -156,9 +156,12 @@ class MamaMia(Converter):
         for folder in sorted(p for p in images.iterdir() if p.is_dir()):
             pid = folder.name.upper()
             pattern = re.compile(rf"^{re.escape(folder.name)}_(\d{{4}})\.nii(\.gz)?$", re.IGNORECASE)
-            phases = sorted(
-                (int(m.group(1)), f) for f in folder.iterdir() if (m := pattern.match(f.name)) is not None
-            )
+            by_phase: dict[int, Path] = {}
+            for f in sorted(folder.iterdir()):
+                m = pattern.match(f.name)
+                if m is not None and (m.group(2) or int(m.group(1)) not in by_phase):
+                    by_phase[int(m.group(1))] = f  # one file per phase: .nii.gz before an unpacked .nii
+            phases = sorted(by_phase.items())
             if not phases:
                 yield Reject(self.name, pid, f"{folder}: no <patient_id>_000N.nii[.gz] phase files")
                 continue

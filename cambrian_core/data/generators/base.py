@@ -9,12 +9,17 @@ from typing import ClassVar
 from cambrian_core.data.case import Case
 from cambrian_core.data.converter import Converter
 
-__all__ = ["Generator", "StopRun"]
+__all__ = ["CaseRejected", "Generator", "StopRun"]
 
 
 class StopRun(RuntimeError):
     """No later case can succeed either (rejected credentials, wrong endpoint or model): the runner commits what
     is finished and stops instead of failing case after case."""
+
+
+class CaseRejected(Exception):
+    """This case can never give a usable record (a rerun would not help): the runner records it as a reject of
+    kind ``generator``, not retried. Other errors (network, API) are recorded for a rerun to retry."""
 
 
 class Generator(abc.ABC):

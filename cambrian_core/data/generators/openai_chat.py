@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from cambrian_core.data.case import Case
 from cambrian_core.data.converter import Converter
-from cambrian_core.data.generators.base import Generator
+from cambrian_core.data.generators.base import CaseRejected, Generator
 from cambrian_core.data.generators.chat_client import ChatClient, resolve_setting
 from cambrian_core.data.generators.structured import (
     OutputError,
@@ -34,7 +34,7 @@ _SENDABLE = {"image/png", "image/jpeg", "image/webp", "image/gif"}
 _RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
 
-class GenerationError(RuntimeError):
+class GenerationError(RuntimeError, CaseRejected):
     """No usable output for a case (invalid replies after every re-ask); the runner records it as a reject."""
 
 
