@@ -99,6 +99,12 @@ def test_rebuild_from_architecture_config(name):
     x = batch(enc)
     assert torch.equal(enc(x), again(x))
     assert enc.cache_key() == again.cache_key()
+    # the feature cache's key sees any weight change, even one that keeps every tensor's sum (a swap)
+    weight = max((p for p in again.parameters() if p.numel() > 1), key=lambda p: p.numel())
+    with torch.no_grad():
+        flat = weight.view(-1)
+        flat[0], flat[1] = flat[1].clone(), flat[0].clone()
+    assert not torch.equal(flat[0], flat[1]) and again.cache_key() != enc.cache_key()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -355,10 +355,15 @@ class VisionEncoder(nn.Module, abc.ABC):
             p.requires_grad_(not frozen)
 
     def cache_key(self) -> str:
-        """Stable id of what this tower computes (architecture + weights digest) for the feature cache."""
-        h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True, default=str).encode())
+        """Stable id of what this tower computes (architecture + weights digest) for the feature cache.
+
+        The digest reads every weight's bytes (as fp32, so a tower cast to another dtype keeps its key): any
+        change of any weight, however small (a fine-tuned tower), gives another key, so stale features are never
+        served.
+        """
+        h = hashlib.blake2b(json.dumps(self.config_dict(), sort_keys=True, default=str).encode(), digest_size=16)
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
-            h.update(t.detach().float().sum().item().hex().encode())
             h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().float().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
