@@ -361,7 +361,9 @@ class VisionEncoder(nn.Module, abc.ABC):
         change of any weight, however small (a fine-tuned tower), gives another key, so stale features are never
         served.
         """
-        h = hashlib.blake2b(json.dumps(self.config_dict(), sort_keys=True, default=str).encode(), digest_size=16)
+        h = hashlib.blake2b(
+            json.dumps(self.config_dict(), sort_keys=True, default=str).encode(), digest_size=16
+        )
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
