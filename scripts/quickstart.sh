@@ -34,6 +34,6 @@ cambrian-train configs/demo/cambrian_tiny_med_finetune.py
 step "6/6 ask the trained model about a real PA chest radiograph (pydicom-data RG1_UNCR.dcm)"
 chest=$(python -c "from cambrian_core.assets import dicom_file; print(dicom_file('RG1_UNCR.dcm'))")
 cambrian infer --model work_dirs/cambrian_tiny_med_finetune/model --image "$chest" --window percentile \
-    --max-new-tokens 80 --prompt "Describe the findings of this chest X-ray."
+    --max-new-tokens 80 --repetition-penalty 1.1 --prompt "Describe the findings of this chest X-ray."
 
 printf '\nDone. Loss curves: work_dirs/*/loss_curve.png; TensorBoard: tensorboard --logdir work_dirs\n'

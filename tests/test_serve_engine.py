@@ -423,6 +423,28 @@ def test_sampling_helper_bans_greedy_and_nucleus():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     draws = [sample_tokens(logits, [1.0] * 3, [1.0] * 3, [[], [], []], g) for g in (g1, g2)]
     assert draws[0] == draws[1]
+    # repetition_penalty (HF / vLLM): a seen token's positive logit is divided, a negative one multiplied;
+    # ids outside the vocabulary (image placeholders) are ignored; the caller's logits are untouched
+    before = logits.clone()
+    picked = sample_tokens(
+        logits, [0, 0, 0], [1, 1, 1], [[], [], []], penalties=[1.2, 1.0, 4.0], seen=[[1, -200], [1], [0, 9]]
+    )
+    assert picked == [3, 1, 0] and torch.equal(logits, before)  # 5 / 1.2 < 4.9; 3 / 4 > 0
+    negative = torch.tensor([[-1.0, -1.5, -3.0, -3.0]])
+    assert sample_tokens(negative, [0], [1], [[]], penalties=[2.0], seen=[[0]]) == [1]  # -1 * 2 < -1.5
+    with pytest.raises(RequestError, match=r"repetition_penalty must be in \(0, 2\] \(1 = off\), got 0"):
+        SamplingParams(repetition_penalty=0)
+
+
+def test_a_repetition_penalty_reaches_the_decoding(engine):
+    plain = engine.generate("Describe the findings.", [], max_new_tokens=24, min_tokens=24)
+    again = engine.generate(
+        "Describe the findings.", [], max_new_tokens=24, min_tokens=24, repetition_penalty=1.0
+    )
+    penalised = engine.generate(
+        "Describe the findings.", [], max_new_tokens=24, min_tokens=24, repetition_penalty=2.0
+    )
+    assert plain.text == again.text and penalised.text != plain.text
 
 
 def test_decode_batch_merges_pads_and_trims():

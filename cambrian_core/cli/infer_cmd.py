@@ -67,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages tokens already in the prompt or answer (HF / vLLM semantics; 1 = off, e.g. 1.2)",
+    )
     placement_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="batch mode: prompts decoded together")
     p.set_defaults(func=run)
@@ -111,6 +117,7 @@ def _params(record: dict[str, Any], args: argparse.Namespace) -> Any:
         max_new_tokens=int(record.get("max_new_tokens", args.max_new_tokens)),
         temperature=float(record.get("temperature", args.temperature)),
         top_p=float(record.get("top_p", args.top_p)),
+        repetition_penalty=float(record.get("repetition_penalty", args.repetition_penalty)),
     )
 
 

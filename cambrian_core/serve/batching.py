@@ -93,13 +93,25 @@ def sample_tokens(
     top_ps: Sequence[float],
     banned: Sequence[Sequence[int]],
     generator: torch.Generator | None = None,
+    penalties: Sequence[float] | None = None,
+    seen: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
     """One token per row of ``logits`` ``[B, V]``: greedy where the temperature is <= 1e-3, else sampled from
     the temperature-scaled distribution cut to its top-p nucleus. ``banned[i]`` are ids row ``i`` may not take
-    yet (end tokens before ``min_tokens``)."""
+    yet (end tokens before ``min_tokens``); ``penalties[i]`` (``repetition_penalty``, 1 = off) applies to the
+    ids ``seen[i]`` (row ``i``'s prompt and answer so far; ids outside the vocabulary are ignored)."""
     logits = logits.float()
-    if any(banned):
+    penalised = [
+        (i, p) for i, p in enumerate(penalties or ()) if p != 1.0 and seen is not None and len(seen[i])
+    ]
+    if any(banned) or penalised:
         logits = logits.clone()  # the caller's logits stay as they were
+        vocab = logits.shape[-1]
+        for i, p in penalised:
+            ids = torch.tensor(sorted({t for t in seen[i] if 0 <= t < vocab}), dtype=torch.long)
+            ids = ids.to(logits.device)
+            row = logits[i, ids]
+            logits[i, ids] = torch.where(row < 0, row * p, row / p)
         for i, ids in enumerate(banned):
             if ids:
                 logits[i, list(ids)] = float("-inf")

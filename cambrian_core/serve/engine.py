@@ -461,6 +461,8 @@ class InferenceEngine:
             [float(r.params.temperature) if r.params.do_sample else 0.0 for r in reqs],
             [float(r.params.top_p) for r in reqs],
             [stops if len(r.tokens) < min(r.params.min_tokens, r.max_new_tokens) else () for r in reqs],
+            penalties=[float(r.params.repetition_penalty) for r in reqs],
+            seen=[[*r.input_ids, *r.tokens] if r.params.repetition_penalty != 1.0 else () for r in reqs],
         )
 
     def _admit(self, batch: DecodeBatch, reqs: list[Request]) -> None:
@@ -541,6 +543,8 @@ class InferenceEngine:
                     top_p=float(params.top_p) if params.do_sample else 1.0,
                     eos_token_id=sorted(self.stop_token_ids),
                     min_new_tokens=min(params.min_tokens, budget) or None,
+                    # (transformers sees the answer's ids only here: the prompt goes in as embeddings)
+                    repetition_penalty=float(params.repetition_penalty),
                     streamer=_Router(self, batch),
                 )
         except _BatchDone:

@@ -4,7 +4,7 @@ Wire format as in LLaVA (reference §E.3): the request is ``{model, prompt (temp
 images: [base64], temperature, top_p, max_new_tokens, stop}``; the answer is a stream of NUL-terminated JSON
 chunks ``{"text": prompt + generated so far, "error_code": 0}``. Additions that LLaVA clients never send:
 ``messages`` (role / content turns, templated here with the model's own template) instead of ``prompt``;
-``echo: false`` (chunks without the prompt); ``min_tokens``; ``window`` / ``slice_axis`` / ``slice_index`` /
+``echo: false`` (chunks without the prompt); ``min_tokens``; ``repetition_penalty``; ``window`` / ``slice_axis`` / ``slice_index`` /
 ``frame`` for DICOM / NIfTI images; the last chunk carries ``finish_reason`` and ``usage``. A bad request is answered
 before streaming with an HTTP 4xx and ``{"text": <reason>, "error_code": 4}``.
 

@@ -3,7 +3,7 @@
 Works with the official ``openai`` client (``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)``). Image
 parts are ``{"type": "image_url", "image_url": {"url": "data:<mime>;base64,..."}}`` (PNG, JPEG, DICOM or NIfTI
 bytes); local paths (``file://`` or absolute) only with ``--allow-local-files``; remote URLs are never fetched.
-Extensions a client may send in ``extra_body``: ``min_tokens``, and ``window`` / ``slice_axis`` /
+Extensions a client may send in ``extra_body``: ``min_tokens``, ``repetition_penalty`` (as vLLM), and ``window`` / ``slice_axis`` /
 ``slice_index`` / ``frame`` for scans. Errors use OpenAI's ``{"error": {message, type, param, code}}`` shape.
 """
 

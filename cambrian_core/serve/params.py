@@ -58,6 +58,7 @@ def sampling_from(
         top_p=_number(params, "top_p", 1.0),
         stop=stops,
         min_tokens=_integer(params, "min_tokens", 0),
+        repetition_penalty=_number(params, "repetition_penalty", 1.0),
     )
 
 

@@ -43,6 +43,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     #: tokens generated before an end token may end the answer (vLLM's ``min_tokens``)
     min_tokens: int = 0
+    #: > 1 discourages every token already in the prompt or the answer (HF / vLLM ``repetition_penalty``: a
+    #: positive logit is divided by it, a negative one multiplied); 1 = off
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not its characters
@@ -68,6 +71,15 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p")
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 8:
             raise RequestError("stop must be up to 8 non-empty strings", param="stop")
+        if (
+            isinstance(self.repetition_penalty, bool)
+            or not isinstance(self.repetition_penalty, (int, float))
+            or not 0.0 < float(self.repetition_penalty) <= 2.0
+        ):
+            raise RequestError(
+                f"repetition_penalty must be in (0, 2] (1 = off), got {self.repetition_penalty!r}",
+                param="repetition_penalty",
+            )
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise RequestError(
                 f"min_tokens must be an integer in 0..max_tokens ({self.max_new_tokens}), got {self.min_tokens!r}",
@@ -78,11 +90,12 @@ class SamplingParams:
     def do_sample(self) -> bool:
         return float(self.temperature) > 1e-3
 
-    def batch_key(self) -> tuple[bool, float, float, int]:
+    def batch_key(self) -> tuple[bool, float, float, int, float]:
         """Requests with equal keys decode in one batch (the stop strings and budgets are per request)."""
+        penalty = float(self.repetition_penalty)
         if not self.do_sample:
-            return (False, 0.0, 1.0, self.min_tokens)
-        return (True, float(self.temperature), float(self.top_p), self.min_tokens)
+            return (False, 0.0, 1.0, self.min_tokens, penalty)
+        return (True, float(self.temperature), float(self.top_p), self.min_tokens, penalty)
 
 
 @dataclass(frozen=True)
