@@ -3,6 +3,7 @@ retries, resume, an unusable endpoint, and the judge recorded in the results."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -212,4 +213,75 @@ def test_a_changed_answer_is_graded_again(tmp_path: Path) -> None:
         # a later run reads the newest grade of each item from the file
         judge.grade_all(ITEMS, {"o1": "spleen", "o2": "granuloma", "o3": "left lobe"}, tmp_path)
         assert len(server.requests) == 4
+        judge.close()
+
+
+GRADE = {"key_points": [], "reasoning_steps": [], "evidence": [], "scores": GOOD}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Here is my grading:\n" + json.dumps(GRADE),
+        "```json\n" + json.dumps(GRADE) + "\n```\nNote: the answer is close.",
+        "<think>the reference says {spleen}...</think>\n" + json.dumps(GRADE),
+        "Sure!\n```\n" + json.dumps(GRADE) + "\n```",
+        'Graded {"note": 1} then ' + json.dumps(GRADE) + " done",  # the first object holding "scores"
+    ],
+)
+def test_parse_grade_finds_the_json_around_prose_fences_and_think(reply: str) -> None:
+    assert parse_grade(reply)["scores"] == {"key_points": 5.0, "reasoning": 5.0, "evidence": 5.0}
+
+
+def test_parse_grade_rejects_boolean_scores() -> None:
+    reply = json.dumps({"scores": {"key_points": True, "reasoning": 1, "evidence": 1}})
+    with pytest.raises(JudgeReplyError, match=r"scores.key_points must be a number from 0 to 5, got True"):
+        parse_grade(reply)
+    with pytest.raises(JudgeReplyError, match="the reply is empty"):
+        parse_grade("<think>nothing else</think>")
+
+
+def test_multiple_choice_items_are_judged_with_their_options(tmp_path: Path) -> None:
+    mc = VQAItem(
+        "m1",
+        (),
+        "What imaging modality is shown?",
+        "CT scan",
+        "closed",
+        choices=(("A", "MRI"), ("B", "CT scan"), ("C", "Ultrasound")),
+        answer_label="B",
+    )
+    with JudgeServer() as server:
+        judge = judge_for(server)
+        grades = judge.grade_all([mc], {"m1": "B: CT scan"}, tmp_path, kinds=("open", "closed", "choice"))
+        prompt = server.requests[0]["messages"][1]["content"]
+        assert "What imaging modality is shown?\nOptions:\nA: MRI\nB: CT scan\nC: Ultrasound" in prompt
+        assert "Reference answer:\nB: CT scan\n\nCandidate answer:\nB: CT scan" in prompt
+        assert grades["m1"]["scores"]["key_points"] == 5.0
+        # a grade stored before the options were sent (digest of the bare answer) is not reused
+        path = tmp_path / judge.file_name()
+        old = {**grades["m1"], "answer_sha1": hashlib.sha1(b"B: CT scan").hexdigest()[:16]}
+        path.write_text(json.dumps(old) + "\n")
+        judge.grade_all([mc], {"m1": "B: CT scan"}, tmp_path, kinds=("choice",))
+        assert len(server.requests) == 2
+        judge.grade_all([mc], {"m1": "B: CT scan"}, tmp_path, kinds=("choice",))
+        assert len(server.requests) == 2  # ... and the new grade is
+        judge.close()
+
+
+def test_an_unusable_judge_leaves_the_strict_report_in_place(tmp_path: Path) -> None:
+    es = EvalSet("private", "test", list(ITEMS))
+    with JudgeServer(script=[401]) as server:
+        judge = judge_for(server)
+        with pytest.raises(
+            JudgeError, match=r"HTTP 401.*the strict report, without judge grades, is in place"
+        ):
+            evaluate(es, Says, tmp_path, model="m", judge=judge, n_boot=10)
+        results = json.loads((tmp_path / "results.json").read_text())
+        assert results["judge"] is None and results["metrics"]["closed_accuracy"]["value"] == 1.0
+        assert (tmp_path / "results.md").is_file() and (tmp_path / "errors.jsonl").is_file()
+        # the judge back: the same run rewrites the report with its grades
+        out = evaluate(es, Says, tmp_path, model="m", judge=judge, n_boot=10)
+        assert out.judge["n"] == 3
+        assert json.loads((tmp_path / "results.json").read_text())["judge"]["n"] == 3
         judge.close()

@@ -297,3 +297,90 @@ def test_default_metrics_skip_other_kinds_of_registered_metrics() -> None:
     finally:
         METRICS._module_dict.pop("zz_other_metric")
         METRICS.providers.pop("zz_other_metric", None)
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+@pytest.mark.parametrize(
+    ("prediction", "letter"),
+    [
+        ("**B**", "B"),  # markdown emphasis
+        ("`C`", "C"),
+        ("[B]", "B"),
+        ("[d]", "D"),
+        ("B。", "B"),
+        ("B\n\nExplanation: A is wrong", "B"),  # a letter alone on the first line
+        ("I choose B", "B"),
+        ("I would go with C because A is wrong", "C"),
+        ("答案是B", "B"),
+        ("I choose a scan", None),  # "a" stays the article
+        ("a\nbecause of the signal", "A"),  # ... but alone on a line it is a letter
+    ],
+)
+def test_option_letter_reads_markdown_brackets_first_line_and_choose(
+    prediction: str, letter: str | None
+) -> None:
+    assert option_letter(prediction, ("A", "B", "C", "D"), CHOICES) == letter
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("图中没有肺结节。", "no"),  # the marker need not open the answer
+        ("肺部无异常", "no"),
+        ("未见明显异常", "no"),
+        ("该图像中有积液", "yes"),
+        ("图像显示存在病变，是的", "yes"),
+        ("是，不存在", "yes"),  # the first marker decides
+        ("病灶不存在", "no"),
+        ("不规则", None),  # 不 starting "irregular" says nothing
+        ("边缘不规则的肿块", None),
+        ("无法确定", None),  # 无法 (cannot) and 还是 (or) hold markers but answer nothing
+        ("还是左侧", None),
+        ("左右对称", None),
+    ],
+)
+def test_chinese_polarity_finds_the_first_marker_anywhere(prediction: str, expected: str | None) -> None:
+    assert polarity(prediction) == expected
+
+
+def test_chinese_closed_answers_are_scored_by_their_first_marker() -> None:
+    assert closed_correct("图中没有肺结节。", "否") and closed_correct("该图像中有积液", "是")
+    assert not closed_correct("不规则", "否") and not closed_correct("图中没有肺结节。", "是")
+
+
+def test_list_answers_match_in_any_order() -> None:
+    it = item("Lung, Heart")
+    assert score("open_exact_match", "Heart, Lung", it) == 1.0
+    assert score("open_exact_match", "the heart and the lung", it) == 1.0
+    assert score("open_exact_match", "Heart", it) == 0.0
+    assert score("open_exact_match", "Heart, Lung, Liver", it) == 0.0
+    assert closed_correct("Heart, Lung", "Lung, Heart", "Which organs are abnormal?")
+    assert closed_correct("heart and lung", "lung and heart")
+    assert not closed_correct("Heart", "Lung, Heart")
+    assert score("open_exact_match", "1,000 cells", item("1,000 cells")) == 1.0  # not a list
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (".5 cm", ["0.5", "cm"]),
+        ("-3", ["-3"]),
+        ("+3", ["3"]),
+        ("-0.0", ["0"]),
+        ("\u22122", ["-2"]),  # the minus sign
+        ("3-4 cm", ["3", "4", "cm"]),  # a range, not a negative number
+        ("T2-weighted", ["t2", "weighted"]),
+        ("5%", ["5", "%"]),
+        ("50 %", ["50", "%"]),
+    ],
+)
+def test_numbers_keep_sign_leading_dot_and_percent(text: str, expected: list[str]) -> None:
+    assert tokens(text) == expected
+
+
+def test_numbers_that_differ_do_not_match() -> None:
+    assert score("open_exact_match", ".5 cm", item("5 cm")) == 0.0
+    assert score("open_exact_match", ".5 cm", item("0.5 cm")) == 1.0
+    assert score("open_exact_match", "3", item("-3")) == 0.0
+    assert score("open_exact_match", "5", item("5%")) == 0.0
+    assert score("open_exact_match", "5 %", item("5%")) == 1.0

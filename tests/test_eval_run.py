@@ -350,3 +350,108 @@ def test_the_demo_model_answers_the_dicom_set_and_is_scored_against_the_headers(
     assert metrics["open_f1"]["value"] == pytest.approx(sum(f1) / len(f1))
     lo, hi = metrics["open_f1"]["ci"]
     assert lo <= metrics["open_f1"]["value"] <= hi
+
+
+def test_cli_pins_dtype_quantisation_towers_and_weights(
+    dicom_set: Path, tiny_model_dir: str, tmp_path: Path, capsys
+) -> None:
+    import os
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    out = tmp_path / "res"
+    argv = [
+        "eval",
+        "jsonl",
+        "--data",
+        str(dicom_set),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--limit",
+        "2",
+    ]
+    argv += ["--max-new-tokens", "2", "--bootstrap", "10", "--device", "cpu", "--no-progress"]
+    from cambrian_core.cli import main
+
+    assert main([*argv, "--dtype", "float32"]) == 0
+    pinned = json.loads((out / "run.json").read_text())
+    assert pinned["dtype"] == "float32" and pinned["quantize"] == "none" and pinned["tower_paths"] == {}
+    assert pinned["weights"].startswith("1 file, ") and "bytes, newest" in pinned["weights"]
+    assert json.loads((out / "results.json").read_text())["model_settings"]["dtype"] == "float32"
+    capsys.readouterr()
+    for extra, shown in [
+        (["--dtype", "bfloat16"], "dtype: 'float32' -> 'bfloat16'"),
+        (["--dtype", "float32", "--load-4bit"], "quantize: 'none' -> '4bit'"),
+        (["--dtype", "float32", "--tower-path", f"siglip={tmp_path}"], "tower_paths: {} -> {'siglip': "),
+    ]:
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert shown in err and "use another --out folder (or delete this one)" in err, err
+    # the checkpoint saved again over the folder: its old answers are not the new weights' answers
+    weights = next(model.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert main([*argv, "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "weights: '1 file, " in err and "the model's weight files changed since those answers" in err
+    # a run.json written before these fields were pinned still resumes
+    old = {k: v for k, v in pinned.items() if k not in ("dtype", "quantize", "tower_paths", "weights")}
+    (out / "run.json").write_text(json.dumps(old))
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert "generated" not in capsys.readouterr().out
+
+
+def test_weights_fingerprint(tmp_path: Path) -> None:
+    from cambrian_core.eval.runner import weights_fingerprint
+
+    assert weights_fingerprint("cambrian-tiny-med") is None  # a registered name: pinned by name
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "config.json").write_text("{}")  # not weights
+    first = weights_fingerprint(tmp_path)
+    assert first is not None and first.startswith("1 file, 10 bytes, newest ")
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert weights_fingerprint(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"y" * 11)
+    assert weights_fingerprint(tmp_path).startswith("1 file, 11 bytes")
+    tower = tmp_path / "tower.bin"
+    assert weights_fingerprint(tmp_path, tower) == weights_fingerprint(tmp_path)  # missing: nothing added
+    tower.write_bytes(b"t")
+    assert weights_fingerprint(tmp_path, tower).startswith("3 files, 13 bytes")  # the folder holds it too
+
+
+def test_a_misspelt_metric_fails_before_the_model_loads(dicom_set: Path, tmp_path: Path) -> None:
+    es = load_benchmark("jsonl", dicom_set)
+
+    def no_model() -> Oracle:
+        raise AssertionError("the model must not load when a metric name is wrong")
+
+    from cambrian_core.registry import BuildError
+
+    with pytest.raises(BuildError, match="Did you mean `closed_accuracy`"):
+        evaluate(es, no_model, tmp_path / "out", model="m", metrics=["closed_acc"])
+    assert not (tmp_path / "out").exists()  # nothing pinned or generated
+
+
+def test_training_hook_generates_in_eval_mode(
+    dicom_set: Path, tiny_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cambrian_core.eval.hook import EvalHook
+    from cambrian_core.eval.runner import EnginePredictor
+    from cambrian_core.model.io import load_model
+
+    model = load_model(tiny_model_dir).train()
+    modes = []
+    predict = EnginePredictor.predict
+
+    def spy(self: EnginePredictor, requests: Sequence[Request]) -> list[Answer]:
+        modes.append(model.training)
+        return predict(self, requests)
+
+    monkeypatch.setattr(EnginePredictor, "predict", spy)
+    EvalHook("jsonl", dicom_set, limit=2, batch_size=2, max_new_tokens=2)(model, step=1)
+    assert modes == [False] and model.training  # eval mode while answering, training mode restored
+    model.eval()
+    EvalHook("jsonl", dicom_set, limit=2, batch_size=2, max_new_tokens=2)(model, step=2)
+    assert not model.training

@@ -99,6 +99,21 @@ def _options(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _model_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How ``--model`` is loaded, pinned in ``run.json`` with it: the ``--dtype`` flag, ``--load-8bit`` /
+    ``--load-4bit``, the ``--tower-path`` folders and a fingerprint of the weight files (model folder and towers)."""
+    from cambrian_core.eval.runner import weights_fingerprint
+    from cambrian_core.serve.loading import parse_tower_paths
+
+    towers = parse_tower_paths(args.tower_path)
+    return {
+        "dtype": (args.dtype or "auto").strip().lower(),
+        "quantize": f"{args.quantize}bit" if args.quantize else "none",
+        "tower_paths": dict(sorted(towers.items())),
+        "weights": weights_fingerprint(args.model, *towers.values()),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "list":
         return _list()
@@ -155,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
             predictor,
             out,
             model=str(args.model),
+            model_settings=_model_settings(args),
             shard=shard,
             batch_size=args.batch_size,
             prompt_style=args.prompt,

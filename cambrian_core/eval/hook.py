@@ -73,16 +73,23 @@ class EvalHook:
         from cambrian_core.serve.engine import InferenceEngine
 
         evalset = self.evalset
-        engine = InferenceEngine(model, name=f"step-{step}", max_batch_size=self.batch_size, batch_wait=0.01)
+        was_training = bool(getattr(model, "training", False))
+        model.eval()  # no dropout while answering; the previous mode comes back below
         try:
-            answers = predict_items(
-                evalset.items,
-                EnginePredictor(engine, self.max_new_tokens),
-                self.batch_size,
-                self.prompt_style,
+            engine = InferenceEngine(
+                model, name=f"step-{step}", max_batch_size=self.batch_size, batch_wait=0.01
             )
+            try:
+                answers = predict_items(
+                    evalset.items,
+                    EnginePredictor(engine, self.max_new_tokens),
+                    self.batch_size,
+                    self.prompt_style,
+                )
+            finally:
+                engine.shutdown()
         finally:
-            engine.shutdown()
+            model.train(was_training)
         preds = {q: a.text for q, a in answers.items()}
         scored = score_items(evalset.items, preds, build_metrics(self.metric_names), n_boot=self.n_boot)
         values = {f"{evalset.benchmark}/{k}": m["value"] for k, m in scored["metrics"].items()}

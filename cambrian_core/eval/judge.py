@@ -28,12 +28,13 @@ from cambrian_core.eval.prompts import load_judge_prompt
 from cambrian_core.eval.runner import repair_tail
 from cambrian_core.eval.scoring import bootstrap_ci
 
-__all__ = ["AXES", "Judge", "JudgeError", "JudgeReplyError", "parse_grade"]
+__all__ = ["AXES", "Judge", "JudgeError", "JudgeReplyError", "judge_inputs", "parse_grade"]
 
 log = logging.getLogger(__name__)
 
 AXES = ("key_points", "reasoning", "evidence")
-_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL | re.IGNORECASE)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 
 
 class JudgeError(RuntimeError):
@@ -44,16 +45,36 @@ class JudgeReplyError(ValueError):
     """A judge reply is not the JSON the rubric asks for; the message says what is wrong."""
 
 
+def _scores_object(text: str) -> dict[str, Any] | None:
+    """The first balanced ``{...}`` in ``text`` that parses as a JSON object holding ``"scores"``."""
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r"\{", text)):
+        try:
+            data, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "scores" in data:
+            return data
+    return None
+
+
 def parse_grade(content: str | None) -> dict[str, Any]:
     """Validate a judge reply; returns ``{"scores": {axis: float}, "key_points": [...], "reasoning_steps": [...],
-    "evidence": [...]}``."""
-    if not content or not content.strip():
+    "evidence": [...]}``.
+
+    ``<think>...</think>`` blocks are dropped; the reply is then the JSON itself, its first fenced block, or failing
+    those the first balanced ``{...}`` holding ``"scores"`` (prose or a note around the JSON is ignored).
+    """
+    text = _THINK.sub("", content or "").strip()
+    if not text:
         raise JudgeReplyError("the reply is empty")
-    fenced = _FENCE.match(content)
+    fenced = _FENCE.search(text)
     try:
-        data = json.loads(fenced.group(1) if fenced else content.strip())
+        data = json.loads(fenced.group(1) if fenced else text)
     except ValueError as exc:
-        raise JudgeReplyError(f"the reply is not valid JSON ({exc})") from None
+        data = _scores_object(text)
+        if data is None:
+            raise JudgeReplyError(f"the reply is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise JudgeReplyError(f"the reply must be a JSON object, got {type(data).__name__}")
     scores = data.get("scores")
@@ -62,6 +83,8 @@ def parse_grade(content: str | None) -> dict[str, Any]:
     out: dict[str, float] = {}
     for axis in AXES:
         value = scores.get(axis)
+        if isinstance(value, bool):  # float(True) would be 1.0
+            raise JudgeReplyError(f"scores.{axis} must be a number from 0 to 5, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -74,6 +97,24 @@ def parse_grade(content: str | None) -> dict[str, Any]:
         for k in ("key_points", "reasoning_steps", "evidence")
     }
     return {"scores": out, **lists}
+
+
+def judge_inputs(item: VQAItem) -> tuple[str, str]:
+    """The question and reference the judge sees. A multiple-choice item's question lists its lettered options
+    and its reference is ``"B: CT scan"``, so that an answer given as a letter can be graded."""
+    if not item.choices:
+        return item.question, item.answer
+    options = "\n".join(f"{k}: {v}" for k, v in item.choices)
+    reference = f"{item.answer_label}: {item.answer}" if item.answer_label else item.answer
+    return f"{item.question.strip()}\nOptions:\n{options}", reference
+
+
+def _graded(item: VQAItem, answer: str) -> str:
+    """What a grade's digest covers: the answer, plus the options and reference of a multiple-choice item (so
+    grades made without the options are not reused)."""
+    if not item.choices:
+        return answer
+    return "\n".join((*judge_inputs(item), answer))
 
 
 def _slug(text: str) -> str:
@@ -190,7 +231,11 @@ class Judge:
         path = Path(out_dir) / self.file_name()
         done = _read_grades(path)
         wanted = [it for it in items if it.kind in kinds]
-        todo = [it for it in wanted if not _grades_answer(done.get(it.qid), predictions.get(it.qid, ""))]
+        todo = [
+            it
+            for it in wanted
+            if not _grades_answer(done.get(it.qid), _graded(it, predictions.get(it.qid, "")))
+        ]
         for it in todo:
             done.pop(it.qid, None)
         if todo:
@@ -213,8 +258,8 @@ class Judge:
                     answer = predictions.get(item.qid, "")
                     rec = {
                         "qid": item.qid,
-                        **self.grade(item.question, item.answer, answer),
-                        "answer_sha1": _digest(answer),
+                        **self.grade(*judge_inputs(item), answer),
+                        "answer_sha1": _digest(_graded(item, answer)),
                     }
                 except (ChatAPIError, JudgeReplyError) as exc:
                     rec = {"qid": item.qid, "error": str(exc)}
@@ -226,13 +271,14 @@ class Judge:
                         done[item.qid] = rec
 
             first = todo[0]
+            answer = predictions.get(first.qid, "")
             try:
-                grade = self.grade(first.question, first.answer, predictions.get(first.qid, ""))
+                grade = self.grade(*judge_inputs(first), answer)
             except ChatAPIError as exc:
                 raise JudgeError(f"judge {self.model} at {self.base_url} is unusable: {exc}") from exc
             except JudgeReplyError as exc:
                 grade = {"error": str(exc)}
-            rec = {"qid": first.qid, **grade, "answer_sha1": _digest(predictions.get(first.qid, ""))}
+            rec = {"qid": first.qid, **grade, "answer_sha1": _digest(_graded(first, answer))}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

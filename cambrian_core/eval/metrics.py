@@ -4,10 +4,12 @@ Each metric applies to one kind of item: ``closed`` (yes/no and other closed ans
 ``choice`` (multiple choice). Scores are averaged, broken down and bootstrapped by :mod:`.scoring`.
 
 * ``closed_accuracy``: a yes/no gold answer matches the first whole word yes/no of the prediction (``"no"`` inside
-  ``"nodule"`` does not count); any other closed answer must appear as whole normalised words, and for an
-  ``"X or Y"`` question a prediction naming the other alternative too is wrong.
-* ``open_recall`` (share of gold tokens found, clipped counts), ``open_exact_match``, ``open_f1`` (token F1),
-  ``open_bleu1`` (clipped unigram precision with brevity penalty), all on strict normalised tokens.
+  ``"nodule"`` does not count); any other closed answer must appear as whole normalised words (a list answer,
+  ``"Lung, Heart"`` or ``"lung and heart"``: each of its items, in any order), and for an ``"X or Y"`` question a
+  prediction naming the other alternative too is wrong.
+* ``open_recall`` (share of gold tokens found, clipped counts), ``open_exact_match`` (a list answer matches its
+  items in any order), ``open_f1`` (token F1), ``open_bleu1`` (clipped unigram precision with brevity penalty), all
+  on strict normalised tokens.
 * ``choice_accuracy``: the option letter parsed from the prediction (``"B"``, ``"(b)"``, ``"option B"``, or the
   text of exactly one option) equals the gold letter.
 
@@ -26,8 +28,10 @@ from cambrian_core.eval.normalize import (
     alternatives,
     contains_phrase,
     gold_polarity,
+    list_items,
     option_letter,
     polarity,
+    same_items,
     tokens,
 )
 
@@ -81,8 +85,12 @@ def closed_correct(prediction: str, answer: str, question: str = "") -> bool:
     if gold is not None:
         return polarity(prediction) == gold
     gt, pt = tokens(answer), tokens(prediction)
-    if not gt or not contains_phrase(pt, gt):
+    if not gt:
         return False
+    if not contains_phrase(pt, gt):
+        items = list_items(answer)  # "Heart, Lung" answers "Lung, Heart"
+        if items is None or not all(contains_phrase(pt, item) for item in items):
+            return False
     if pt == gt:
         return True
     alt = alternatives(question)
@@ -135,11 +143,11 @@ class OpenExactMatch(Metric):
     name = "open_exact_match"
     label = "open exact match (strict)"
     kind = "open"
-    description = "normalised prediction equals the normalised gold answer"
+    description = "normalised prediction equals the normalised gold answer (a list's items in any order)"
 
     def score(self, prediction: str, item: VQAItem) -> float:
         g = tokens(item.answer)
-        return float(bool(g) and tokens(prediction) == g)
+        return float(bool(g) and (tokens(prediction) == g or same_items(prediction, item.answer)))
 
 
 class OpenF1(Metric):

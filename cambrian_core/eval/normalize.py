@@ -2,8 +2,9 @@
 
 Strict (:func:`tokens`): Unicode NFKC, lower case, apostrophes dropped, thousands separators removed, words split
 on anything that is not a letter or digit, each CJK character its own token, number words up to twenty as digits,
-numbers canonical (``"2.0"`` -> ``"2"``, ``"007"`` -> ``"7"``, ``"2.50"`` -> ``"2.5"``), articles dropped (a lone
-``a`` that is a letter, as in "Type A" or "hepatitis a", is kept). Matching
+numbers canonical with their sign (``"2.0"`` -> ``"2"``, ``"007"`` -> ``"7"``, ``"2.50"`` -> ``"2.5"``, ``".5"`` ->
+``"0.5"``, ``"-3"`` -> ``"-3"``, ``"+3"`` -> ``"3"``; the ``-`` of a range such as ``"3-4"`` is no sign), ``%`` its own
+token, articles dropped (a lone ``a`` that is a letter, as in "Type A" or "hepatitis a", is kept). Matching
 is then done on whole tokens, never substrings: ``"no"`` is not found in ``"nodule"``.
 
 LLaVA-Med (:func:`llava_med_normalize`): its VQA-style punctuation and article rules, reimplemented from the
@@ -20,18 +21,22 @@ __all__ = [
     "alternatives",
     "contains_phrase",
     "gold_polarity",
+    "list_items",
     "llava_med_normalize",
     "normalize_answer",
     "option_letter",
     "polarity",
+    "same_items",
     "tokens",
 ]
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN = re.compile(rf"\d+(?:\.\d+)?|[{_CJK}]|[^\W_{_CJK}]+")
+#: a number: an optional sign (not after a letter, digit or dot: "3-4" is a range) and digits or a leading-dot decimal
+_NUM = r"(?:(?<![\w.])[-+\u2212])?(?:\d+(?:\.\d+)?|(?<![\w.])\.\d+)"
+_TOKEN = re.compile(rf"{_NUM}|%|[{_CJK}]|[^\W_{_CJK}]+")
+_NUMBER = re.compile(_NUM)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
-_HAS_CJK = re.compile(rf"[{_CJK}]")
 _WORD_NUMBERS = {
     w: str(i)
     for i, w in enumerate(
@@ -61,15 +66,20 @@ _WORD_NUMBERS = {
     )
 }
 _ARTICLES = frozenset({"a", "an", "the"})
-_ZH_NO = ("不是", "否", "没有", "无", "不")
-_ZH_YES = ("是", "有", "对")
+#: Chinese no / yes markers (a bare 不 is no marker: 不规则 is "irregular"); 对 counts only opening the answer
+_ZH_NO = ("不是", "不存在", "不对", "不有", "不含", "没有", "没", "无", "否", "未见")
+_ZH_YES = ("是", "有", "存在")
+#: words holding a marker that answer nothing: whether, or, but, all, cannot, symmetric
+_ZH_NEITHER = ("是否", "有无", "有没有", "还是", "但是", "可是", "于是", "所有", "无法", "对称")
 
 
 def _number(tok: str) -> str:
-    whole, _, frac = tok.partition(".")
+    sign = "-" if tok[0] in "-\u2212" else ""
+    whole, _, frac = tok.lstrip("+-\u2212").partition(".")
     whole = whole.lstrip("0") or "0"
     frac = frac.rstrip("0")
-    return f"{whole}.{frac}" if frac else whole
+    out = f"{whole}.{frac}" if frac else whole
+    return sign + out if out != "0" else out
 
 
 def tokens(text: object, drop_articles: bool = True) -> list[str]:
@@ -81,7 +91,7 @@ def tokens(text: object, drop_articles: bool = True) -> list[str]:
     for i, match in enumerate(found):
         tok = match.group(0).lower()
         tok = _WORD_NUMBERS.get(tok, tok)
-        if tok[0].isdigit() and re.fullmatch(r"\d+(?:\.\d+)?", tok):
+        if _NUMBER.fullmatch(tok):
             tok = _number(tok)
         if drop_articles and tok in _ARTICLES and _is_article(s, found, i):
             continue
@@ -121,18 +131,45 @@ def contains_phrase(haystack: Sequence[str], phrase: Sequence[str]) -> bool:
 
 
 def polarity(text: object) -> str | None:
-    """``"yes"`` / ``"no"`` from an answer: the first whole word yes or no (English), or a leading 是/有 versus
-    否/不/没有/无 (Chinese); ``None`` when the answer says neither."""
-    toks = tokens(text)
-    for t in toks:
+    """``"yes"`` / ``"no"`` from an answer: the first whole word yes or no (English), else the first Chinese marker
+    (是/有/存在, or 对 opening the answer, versus 否/不是/不存在/没有/无/未见...; a bare 不 as in 不规则 is none, nor
+    are 是否, 还是, 无法...); ``None`` when the answer says neither."""
+    for t in tokens(text):
         if t in ("yes", "no"):
             return t
-    joined = "".join(t for t in toks if _HAS_CJK.match(t))
-    if joined.startswith(_ZH_NO):
-        return "no"
-    if joined.startswith(_ZH_YES):
+    s = unicodedata.normalize("NFKC", str(text)).strip()
+    if s.startswith("对") and not s.startswith("对称"):
         return "yes"
+    i = 0
+    while i < len(s):
+        skip = next((w for w in _ZH_NEITHER if s.startswith(w, i)), None)
+        if skip is not None:
+            i += len(skip)
+            continue
+        if s.startswith(_ZH_NO, i):
+            return "no"
+        if s.startswith(_ZH_YES, i):
+            return "yes"
+        i += 1
     return None
+
+
+_LIST_SEP = re.compile(r"\s*(?:[,;、，；]|\band\b)\s*", re.IGNORECASE)
+
+
+def list_items(text: object) -> list[tuple[str, ...]] | None:
+    """The items of a list answer (``"Lung, Heart"``, ``"lung and heart"``) as strict token tuples, in order;
+    ``None`` unless it names at least two (thousands separators do not split: ``"1,000 cells"`` is one)."""
+    s = _THOUSANDS.sub("", unicodedata.normalize("NFKC", str(text)))
+    items = [tuple(t) for part in _LIST_SEP.split(s) if (t := tokens(part))]
+    return items if len(items) >= 2 else None
+
+
+def same_items(prediction: object, answer: object) -> bool:
+    """Whether ``answer`` is a list and ``prediction`` lists the same items, in any order."""
+    gold = list_items(answer)
+    pred = list_items(prediction)
+    return gold is not None and pred is not None and sorted(gold) == sorted(pred)
 
 
 def gold_polarity(answer: object) -> str | None:
@@ -141,9 +178,9 @@ def gold_polarity(answer: object) -> str | None:
     if toks in (["yes"], ["no"]):
         return toks[0]
     joined = "".join(toks)
-    if joined in ("否", "不是", "没有", "无", "不"):
+    if joined in ("否", "不是", "没有", "无", "不", "不存在"):
         return "no"
-    if joined in ("是", "有", "是的", "对"):
+    if joined in ("是", "有", "是的", "对", "存在"):
         return "yes"
     return None
 
@@ -165,18 +202,21 @@ def option_letter(
 ) -> str | None:
     """The option a multiple-choice answer picks, or ``None`` when it picks none or is ambiguous.
 
-    Recognised, in this order: a bare letter (``"B"``, ``"(b)"``, ``"B."``); the whole text of exactly one
-    choice; ``"the answer is (option) B"`` / ``"the correct option is B"`` (the last one); a leading ``"B: ..."`` /
-    ``"B) ..."`` / ``"(b) ..."``; ``"option B"`` / ``"choice b"``; a single ``"(B)"`` anywhere; and, failing those,
-    one choice's words appearing in the answer. A lower-case ``a``
-    counts only where it cannot be the article.
+    Markdown emphasis and backticks are ignored, ``[B]`` reads as ``(B)`` and ``。`` as ``.``. Recognised, in this
+    order: a bare letter (``"B"``, ``"(b)"``, ``"B."``); the whole text of exactly one choice; ``"the answer is
+    (option) B"`` / ``"the correct option is B"`` / ``"答案是B"`` (the last one); a letter alone on the first line
+    (``"B\\n\\nExplanation: ..."``); a leading ``"B: ..."`` / ``"B) ..."`` / ``"(b) ..."``; ``"I choose B"`` / ``"I
+    pick B"`` (capital letters only); ``"option B"`` / ``"choice b"``; a single ``"(B)"`` anywhere; and, failing
+    those, one choice's words appearing in the answer. A lower-case ``a`` counts only where it cannot be the article.
     """
-    raw = unicodedata.normalize("NFKC", str(text)).strip()
+    raw = unicodedata.normalize("NFKC", str(text))
+    raw = re.sub(r"[*_`]+", "", raw).replace("[", "(").replace("]", ")").replace("。", ".").strip()
     up = "".join(letters)
     lo = up.lower()
     if not up:
         return None
-    whole = re.search(rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$", raw)  # the whole answer is a letter
+    bare = rf"^\(?\s*([{up}{lo}])\s*\)?\s*[.:)]?$"
+    whole = re.search(bare, raw)  # the whole answer is a letter
     if whole:
         return whole.group(1).upper()
     pred = tokens(raw)
@@ -187,22 +227,28 @@ def option_letter(
     # an explicit "answer is B" / "answer: (b)" / "the correct option is B" outranks letters mentioned before it
     # ("Option A is wrong; the answer is option B", "A: no. The answer is B"); the last one is the conclusion
     explicit = re.findall(
-        rf"(?i:\b(?:answer|(?:correct|right|best)\s+(?:option|choice))(?:\s+is)?)\s*[:\-]?\s*"
+        rf"(?:(?i:\b(?:answer|(?:correct|right|best)\s+(?:option|choice))(?:\s+is)?)|答案\s*[是为]?)\s*[:\-]?\s*"
         rf"(?i:(?:option|choice)\s*)?(?:\(([{up}{lo}])\)|([{up}])(?!\w))",
         raw,
     )
     if explicit:
         return next(g for g in explicit[-1] if g).upper()
+    first_line = re.search(bare, raw.splitlines()[0].strip()) if raw else None
+    if first_line:  # "B\n\nExplanation: A is wrong"
+        return first_line.group(1).upper()
     rules = [
         rf"^\(\s*([{up}{lo}])\s*\)",  # "(b) ..."
         rf"^([{up}])\s*[).:]",  # "B: ...", "B) ...", "B. ..."
         rf"^([{lo}])\)",  # "b) ..."
+        # "I choose B", "I'd pick option C", "I select (b)"
+        rf"(?i:\b(?:choose|chose|pick|picked|select|selected|go\s+with))\s+(?i:(?:option|choice)\s*)?"
+        rf"(?:\(([{up}{lo}])\)|([{up}])(?!\w))",
         rf"(?i:\b(?:option|choice))\s*[:\-]?\s*\(?([{up}{lo}])(?![\w])",  # "option B", "choice (b)"
     ]
     for rule in rules:
         m = re.search(rule, raw)
         if m:
-            return m.group(1).upper()
+            return next(g for g in m.groups() if g).upper()
     bracketed = set(re.findall(rf"\(([{up}])\)", raw))
     if len(bracketed) == 1:
         return bracketed.pop()

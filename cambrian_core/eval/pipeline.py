@@ -1,10 +1,10 @@
 """One evaluation from start to end: pin the run, generate this shard's missing answers, and once every item has
-an answer, score, judge and write the report (what ``cambrian eval`` runs)."""
+an answer, score, write the report, and with a judge grade and write it again (what ``cambrian eval`` runs)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ def evaluate(
     predictor: Callable[[], Predictor],
     out_dir: str | Path,
     model: str,
+    model_settings: Mapping[str, Any] | None = None,
     shard: tuple[int, int] = (0, 1),
     batch_size: int = 8,
     prompt_style: str = "short",
@@ -67,11 +68,15 @@ def evaluate(
         predictor: builds the answerer; called only when this shard still has unanswered items (so a rerun that
             only rescores never loads the model).
         model: the model's name or path, pinned in ``run.json``.
+        model_settings: how the model is loaded, pinned with it (``dtype``, ``quantize``, ``tower_paths``,
+            ``weights``: see :data:`~cambrian_core.eval.runner.PINNED`).
         shard: ``(i, n)``: this process answers items ``i, i+n, ...``.
-        metrics: metric names (default: every registered metric that applies).
-        judge: grade answers of ``judge_kinds`` items with this LLM judge.
+        metrics: metric names (default: every registered metric that applies); checked before anything runs.
+        judge: grade answers of ``judge_kinds`` items with this LLM judge. The strict report is written first; an
+            unusable judge raises :class:`~cambrian_core.eval.judge.JudgeError` and leaves that report in place.
     """
     name, version = resolve_style(prompt_style)
+    scorers = build_metrics(metrics)  # a misspelt name fails before the model loads
     out_dir = Path(out_dir)
     manifest = check_manifest(
         out_dir,
@@ -80,6 +85,7 @@ def evaluate(
             "split": evalset.split,
             "sources": evalset.source_hashes(),
             "model": model,
+            **(model_settings or {}),
             "prompt": f"{name}.{version}",
             "max_new_tokens": max_new_tokens,
         },
@@ -95,11 +101,19 @@ def evaluate(
         return EvalOutcome("incomplete", out_dir, gen, missing=len(missing))
     failed = sum(1 for it in evalset.items if "error" in done[it.qid])
     preds = {q: str(rec.get("prediction", "")) for q, rec in done.items()}
-    scored = score_items(evalset.items, preds, build_metrics(metrics), n_boot=n_boot, seed=seed)
-    grades = summary = None
-    if judge is not None:
-        grades = judge.grade_all(evalset.items, preds, out_dir, judge_kinds)
+    scored = score_items(evalset.items, preds, scorers, n_boot=n_boot, seed=seed)
+    paths = write_report(out_dir, evalset, scored, preds, manifest, None, None, failed, worst)
+    summary = None
+    if judge is not None:  # the strict report stays in place when the judge cannot be reached
+        from cambrian_core.eval.judge import JudgeError
+
+        try:
+            grades = judge.grade_all(evalset.items, preds, out_dir, judge_kinds)
+        except JudgeError as exc:
+            raise JudgeError(
+                f"{exc}; the strict report, without judge grades, is in place: {', '.join(map(str, paths.values()))}"
+            ) from exc
         expected = sum(1 for it in evalset.items if it.kind in judge_kinds)
         summary = judge.summary(grades, expected, n_boot=n_boot, seed=seed)
-    paths = write_report(out_dir, evalset, scored, preds, manifest, summary, grades, failed, worst)
+        paths = write_report(out_dir, evalset, scored, preds, manifest, summary, grades, failed, worst)
     return EvalOutcome("complete", out_dir, gen, 0, paths, scored["metrics"], summary)

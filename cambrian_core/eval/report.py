@@ -27,6 +27,10 @@ _FAMILY_TITLES = {
 }
 
 
+#: how the model was loaded, copied from ``run.json`` into the results
+_MODEL_SETTINGS = ("dtype", "quantize", "tower_paths", "weights")
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -53,6 +57,7 @@ def build_results(
         "sources": manifest.get("sources") or evalset.source_hashes(),
         "notes": list(evalset.notes),
         "model": manifest.get("model"),
+        "model_settings": {k: manifest[k] for k in _MODEL_SETTINGS if k in manifest},
         "prompt": manifest.get("prompt"),
         "generation": {"greedy": True, "max_new_tokens": manifest.get("max_new_tokens")},
         "failed_generations": failed,

@@ -4,11 +4,15 @@ Predictions are appended to ``<out>/predictions[.shard-I-of-N].jsonl`` (flushed 
 rerun, with any shard layout, first reads every ``predictions*.jsonl`` in the folder and skips the question ids
 that already have an answer; items whose generation failed (unreadable image, prompt too long) are recorded with
 an ``error`` and retried by the next run. ``run.json`` pins the settings of a results folder (benchmark, split,
-annotation hashes, model, prompt, token budget); a rerun with other settings is refused instead of mixing answers.
+annotation hashes, model, its dtype, quantisation, tower paths and a fingerprint of its weight files, prompt, token
+budget); a rerun with other settings, or after the model's weights changed, is refused instead of mixing answers.
+A ``run.json`` written before a field was pinned does not check that field.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -36,13 +40,27 @@ __all__ = [
     "repair_tail",
     "run_generation",
     "shard_items",
+    "weights_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "run.json"
 #: manifest fields that must agree between runs writing to one folder
-PINNED = ("benchmark", "split", "sources", "model", "prompt", "max_new_tokens")
+PINNED = (
+    "benchmark",
+    "split",
+    "sources",
+    "model",
+    "dtype",
+    "quantize",
+    "tower_paths",
+    "weights",
+    "prompt",
+    "max_new_tokens",
+)
+#: files holding weights, looked at by :func:`weights_fingerprint`
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz")
 
 
 class RunMismatchError(ValueError):
@@ -185,6 +203,32 @@ def repair_tail(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
+def weights_fingerprint(*paths: str | os.PathLike[str]) -> str | None:
+    """One line naming the weight files under ``paths`` (folders or files) by name, size and modification time:
+    ``"2 files, 1007800 bytes, newest 2024-11-28 21:56:03 UTC, #3fa2c1d09e8b"``. Weights saved again over a
+    folder change it (so does a copy that does not keep modification times); ``None`` when no path holds any (a
+    registered checkpoint name, which is pinned by its name)."""
+    digest = hashlib.sha1()
+    count = size = newest = 0
+    for k, root in enumerate(Path(p).expanduser() for p in paths):
+        if root.is_file():
+            files = [root]
+        elif root.is_dir():
+            files = sorted(f for f in root.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+        else:
+            continue
+        for f in files:
+            st = f.stat()
+            rel = f.name if f == root else f.relative_to(root).as_posix()
+            digest.update(f"{k}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+    if not count:
+        return None
+    when = _dt.datetime.fromtimestamp(newest / 1e9, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    noun = "file" if count == 1 else "files"
+    return f"{count} {noun}, {size} bytes, newest {when}, #{digest.hexdigest()[:12]}"
+
+
 def _atomic_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -201,6 +245,8 @@ def check_manifest(out_dir: str | Path, manifest: Mapping[str, Any]) -> dict[str
         diff = [k for k in PINNED if k in manifest and k in old and old[k] != manifest[k]]
         if diff:
             shown = "; ".join(f"{k}: {old[k]!r} -> {manifest[k]!r}" for k in diff)
+            if "weights" in diff:
+                shown += "; the model's weight files changed since those answers"
             raise RunMismatchError(
                 f"{out_dir} holds predictions made with other settings ({shown}); use another --out folder "
                 "(or delete this one) instead of mixing answers"
