@@ -243,3 +243,70 @@ def test_saved_folders_get_the_modes_of_the_umask(saved, tmp_path):
     modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()}
     assert modes == {0o750}, folder  # mkdtemp's 0700 would hide the model from the group
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o640}
+
+
+def test_shard_sizes_take_byte_counts_and_binary_units(saved, tmp_path):
+    from cambrian_core.export.shards import parse_size
+
+    sizes = ["2GB", "500MB", "10KiB", "1.5GiB", "512 MiB", "1000000", 1000000]
+    assert [parse_size(s) for s in sizes] == [
+        2 * 10**9,
+        500 * 10**6,
+        10 * 1024,
+        3 * 2**29,
+        512 * 2**20,
+        10**6,
+        10**6,
+    ]
+    with pytest.raises(ValueError, match=r"max shard size '2XB' is not a size like '2GB', '500MB', '512MiB'"):
+        parse_size("2XB")
+    model, src = saved
+    argv = ["export", "convert-dtype", src, str(tmp_path / "a"), "--dtype", "bf16", "--max-shard-size"]
+    assert main([*argv, "200000"]) == 0
+    assert len(list((tmp_path / "a").glob("model-*.safetensors"))) > 1
+    folder = model.save_pretrained(str(tmp_path / "b"), max_shard_size="200KiB")
+    assert len([p for p in (tmp_path / "b").glob("model-*.safetensors")]) > 1, folder
+
+
+def test_a_cast_that_overflows_fp16_is_refused(tmp_path, capsys, caplog):
+    from cambrian_core.export.dtype import check_cast
+    from cambrian_core.export.hf import export_hf
+
+    model = H.make(H.mlp_config())
+    with torch.no_grad():
+        model.llm.model.model.norm.weight[0] = 1e5  # an outlier: fp32 and bf16 hold it, fp16 does not
+    src = model.save_pretrained(str(tmp_path / "m"))
+    why = (
+        "casting `llm.model.model.norm.weight` to float16 turns 1 of its values into inf (max |value| 1e+05; "
+        "float16 holds up to 65504); use bf16 instead"
+    )
+    assert main(["export", "convert-dtype", src, str(tmp_path / "m16"), "--dtype", "fp16"]) == 2
+    assert why in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape(why)):
+        export_hf(src, tmp_path / "hf", fmt="remote", dtype="fp16")
+    with pytest.raises(ValueError, match=re.escape(why)):
+        load_model(src, dtype="fp16")
+    assert not (tmp_path / "m16").exists() and not (tmp_path / "hf").exists()
+    assert main(["export", "convert-dtype", src, str(tmp_path / "mbf16"), "--dtype", "bf16"]) == 0
+    tiny = torch.full((10,), 1e-9)  # below float16's smallest value: flushed to zero, reported
+    assert torch.equal(check_cast("w", tiny, torch.float16), torch.zeros(10, dtype=torch.float16))
+    assert "casting `w` to float16 turns 10 of its 10 values into 0" in caplog.text
+
+
+def test_an_export_written_inside_its_source_copies_only_the_model(saved, tmp_path):
+    import shutil
+
+    _, src = saved
+    nest = tmp_path / "nest"
+    shutil.copytree(src, nest)
+    (nest / "README.md").write_text("card")
+    for dtype in ("bf16", "fp16"):
+        assert main(["export", "convert-dtype", str(nest), str(nest / dtype), "--dtype", dtype]) == 0
+    for dtype in ("bf16", "fp16"):
+        names = sorted(p.name for p in (nest / dtype).iterdir())
+        assert names == sorted(
+            [CONFIG_NAME, "README.md", "llm", "model-00001-of-00001.safetensors", INDEX_NAME]
+        )
+    assert sorted(p.name for p in (nest / "fp16" / "llm").iterdir()) == sorted(
+        p.name for p in (nest / "llm").iterdir()
+    )

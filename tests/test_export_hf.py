@@ -165,3 +165,36 @@ def test_the_model_card_code_alone_reproduces_our_answer(tmp_path, monkeypatch, 
     theirs = capsys.readouterr().out.strip()
     ours = model.chat("<image>\nDescribe the image.", [Image.open(tmp_path / "scan.png")], max_new_tokens=64)
     assert theirs == ours and ours
+
+
+def test_remote_save_pretrained_keeps_other_folders_and_refuses_what_it_cannot_do(tmp_path):
+    model = H.make(H.mlp_config("siglip_hf"))
+    out = export_hf(model.save_pretrained(str(tmp_path / "ours")), tmp_path / "hf", fmt="remote")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "train.py").write_text("# my code")
+    with pytest.raises(FileExistsError, match=r"proj is a folder holding other things \(train\.py\)"):
+        hf.save_pretrained(proj)
+    assert [p.name for p in proj.iterdir()] == ["train.py"]
+    with pytest.raises(TypeError, match=r"does not support push_to_hub=True \(save, then upload"):
+        hf.save_pretrained(tmp_path / "again", push_to_hub=True)
+    with pytest.raises(
+        TypeError, match=r"does not support variant=; it takes save_directory and max_shard_size"
+    ):
+        hf.save_pretrained(tmp_path / "again", variant="fp16")
+    assert not (tmp_path / "again").exists()
+    hf.save_pretrained(out)  # replacing a saved model is fine
+    hf.save_pretrained(tmp_path / "again")
+    batch = H.inputs(model)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    assert torch.equal(again(**batch).logits, H.logits(model, batch))
+
+
+def test_the_llava_card_says_auto_processor_is_not_supported(tmp_path):
+    model = H.make(H.mlp_config())
+    out = export_hf(model.save_pretrained(str(tmp_path / "ours")), tmp_path / "hf", fmt="llava")
+    card = (out / "README.md").read_text()
+    assert not (out / "processor_config.json").exists()
+    assert "`AutoProcessor` / `LlavaProcessor` are not supported with this folder" in card
+    assert "without the `<image_newline>` token that\nends each row here" in card

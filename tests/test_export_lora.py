@@ -84,3 +84,19 @@ def test_adapter_problems_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a training checkpoint"):
         merge_lora(base, tmp_path, tmp_path / "o4")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_a_model_with_an_unmerged_adapter_is_not_saved(tmp_path):
+    _, trained = _trained(tmp_path)
+    batch = H.inputs(trained)
+    want = H.logits(trained, batch)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot save: the LLM carries an unmerged peft \(LoRA\) adapter.*merge_and_unload\(\).*"
+        r"`cambrian export merge-lora`",
+    ):
+        trained.save_pretrained(str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+    trained.llm.model = trained.llm.model.merge_and_unload()  # merged, it saves and loads back
+    got = H.logits(load_model(trained.save_pretrained(str(tmp_path / "m"))), batch)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)

@@ -327,3 +327,125 @@ def test_a_model_needing_uninstalled_parts_names_all_of_them(tmp_path):
     text = str(err.value)
     assert "encoder `tp_tower` (vision_tower_aux_list[0]); connector `tp_connector`; LLM `tp_llm`" in text
     assert "cambrian plugins list" in text
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_saving_never_replaces_a_folder_holding_other_things(tmp_path):
+    run = (tmp_path / "run").resolve()
+    (run / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run / "notes.txt").write_text("important")
+    model = make()
+    with pytest.raises(
+        FileExistsError,
+        match=rf"{re.escape(str(run))} is a folder holding other things \(checkpoints, notes\.txt\), not a saved "
+        r"cambrian model.*save into a new or empty folder",
+    ):
+        model.save_pretrained(str(run))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "notes.txt"]
+    assert (run / "notes.txt").read_text() == "important"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a saved cambrian model"):
+        model.save_pretrained(str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_same_state(model, load_model(model.save_pretrained(str(empty))))  # an empty folder is filled
+    other = make(seed=5)
+    assert_same_state(other, load_model(other.save_pretrained(str(empty))))  # a saved model is replaced
+
+
+def test_weights_that_do_not_fit_the_architecture_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(make().save_pretrained(str(tmp_path / "m")))
+    index = json.loads((folder / INDEX_NAME).read_text())
+    shard = folder / index["weight_map"]["image_newline"]
+    state = load_file(str(shard))
+    state["image_newline_v0"] = state.pop("image_newline")
+    save_file(state, str(shard))
+    index["weight_map"]["image_newline_v0"] = index["weight_map"].pop("image_newline")
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(
+        io.ModelFileError,
+        match=rf"{re.escape(str(folder))}: its weights do not fit the model its cambrian_config\.json builds: "
+        r"1 missing \['image_newline'\], 1 unexpected \['image_newline_v0'\], 0 of another shape \[\]; it was "
+        r"saved from another model .* save it again, or load what fits with strict=False",
+    ):
+        load_model(folder)
+    assert load_model(folder, strict=False) is not None  # strict=False loads what fits
+
+
+def _partial_snapshot(tmp_path, src: Path) -> Path:
+    """A hub cache whose snapshot of example-org/cambrian-x was cut short: config, index and llm/, no shard."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--example-org--cambrian-x"
+    rev = "a" * 40
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(src / "llm", snap / "llm")
+    for name in (CONFIG_NAME, INDEX_NAME):
+        shutil.copy(src / name, snap / name)
+    return snap
+
+
+def test_a_partly_downloaded_hub_snapshot_is_finished_not_used(monkeypatch, tmp_path):
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    model = make(seed=4)
+    src = Path(model.save_pretrained(str(tmp_path / "m")))
+    snap = _partial_snapshot(tmp_path, src)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = NamedCheckpoint(name="test-partial", hub_id="example-org/cambrian-x")
+    ok, why = ckpt.availability()
+    assert not ok
+    assert re.search(
+        r"only partly downloaded into the Hugging Face cache \(.*shard model-00001-of-00001\.safetensors listed "
+        r"in model\.safetensors\.index\.json is missing\); finish it with a network: `hf download "
+        r"example-org/cambrian-x`",
+        why,
+    ), why
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"\(example-org/cambrian-x\) is only partly downloaded.*HF_HUB_OFFLINE is set",
+    ):
+        ckpt.resolve()
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # online, the download is finished first
+        monkeypatch.delenv(var, raising=False)
+    real = huggingface_hub.snapshot_download
+
+    def download(repo_id, local_files_only=False, **kwargs):
+        if not local_files_only:  # what the hub would send: the missing shard
+            shutil.copy(src / "model-00001-of-00001.safetensors", snap)
+        return real(repo_id, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert ckpt.resolve().resolve() == snap.resolve()
+    assert_same_state(model, load_model(snap))
+
+
+def test_a_builder_checkpoint_is_rebuilt_when_its_registered_config_changes(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMBRIAN_CACHE", str(tmp_path))
+    folder = tmp_path / "checkpoints" / "test-rebuilt"
+    register_checkpoint("test-rebuilt", config=P.model_config(), builder=build_from_config)
+    load_model("test-rebuilt")
+    towers = [
+        {"type": "test_patch", "width": 16, "patch": 8},
+        {"type": "test_patch", "width": 20, "patch": 4},
+    ]
+    register_checkpoint(
+        "test-rebuilt", config=P.model_config(vision_tower_aux_list=towers), builder=build_from_config
+    )  # a new plugin version ships another model under the same name
+    assert get_checkpoint("test-rebuilt").availability() == (
+        True,
+        f"the copy cached at {folder} was built from another config than the registered one; rebuilt on "
+        "first use",
+    )
+    assert_same_state(make(seed=0, vision_tower_aux_list=towers), load_model("test-rebuilt"))
+    assert get_checkpoint("test-rebuilt").availability() == (True, f"built, cached at {folder}")

@@ -119,7 +119,11 @@ def _card(args: argparse.Namespace) -> Path:
 
 
 def _common(p: argparse.ArgumentParser, shard: str = "2GB") -> None:
-    p.add_argument("--max-shard-size", default=shard, help=f"largest safetensors shard (default {shard})")
+    p.add_argument(
+        "--max-shard-size",
+        default=shard,
+        help=f"largest safetensors shard: 2GB, 500MB, 512MiB or a byte count (default {shard})",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -18,7 +18,15 @@ import torch
 from cambrian_core.export.shards import INDEX_NAME, ShardWriter, iter_state
 from cambrian_core.fileio import staged_folder
 
-__all__ = ["DTYPE_NAMES", "convert_dtype", "copy_model_files", "resolve_dtype", "saved_folder"]
+__all__ = [
+    "DTYPE_NAMES",
+    "check_cast",
+    "convert_dtype",
+    "copy_model_files",
+    "narrows_range",
+    "resolve_dtype",
+    "saved_folder",
+]
 
 #: accepted spellings -> (torch dtype, the name configs use)
 DTYPE_NAMES: dict[str, tuple[torch.dtype, str]] = {
@@ -56,14 +64,89 @@ def saved_folder(path_or_name: str | os.PathLike[str]) -> tuple[Path, dict[str, 
     return folder, meta
 
 
+def narrows_range(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether casting floating ``source`` to ``target`` can overflow: a smaller exponent range (float16 from
+    float32 or bfloat16; bfloat16 keeps float32's)."""
+    return target.is_floating_point and torch.finfo(target).max < torch.finfo(source).max / 2
+
+
+def check_cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """``tensor`` cast to ``target`` (a floating one; other tensors are returned as they are).
+
+    Raises:
+        ValueError: the cast overflows (finite values become inf: float16 holds up to 65504), naming the
+            tensor and its largest value. Values flushed to zero are logged when over 1% of the tensor's.
+    """
+    if not tensor.is_floating_point():
+        return tensor
+    out = tensor.to(target)
+    if not narrows_range(tensor.dtype, target):
+        return out
+    finite = torch.isfinite(tensor)
+    overflow = int((finite & ~torch.isfinite(out)).sum())
+    flushed = int(((tensor != 0) & (out == 0)).sum())
+    short = str(target).removeprefix("torch.")
+    if overflow:
+        big = float(tensor[finite].abs().max())
+        raise ValueError(
+            f"casting `{name}` to {short} turns {overflow} of its values into inf (max |value| {big:.4g}; "
+            f"{short} holds up to {torch.finfo(target).max:.6g})"
+            + (f" and {flushed} tiny ones into 0" if flushed else "")
+            + "; use bf16 instead (the float32 range in 16 bits)"
+        )
+    if flushed > 0.01 * tensor.numel():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "casting `%s` to %s turns %d of its %d values into 0 (too small for it); bf16 keeps them",
+            name,
+            short,
+            flushed,
+            tensor.numel(),
+        )
+    return out
+
+
+def _model_folders(src: Path) -> set[str]:
+    """The sub-folders a saved model is made of: ``llm`` and every folder its config points into."""
+    from cambrian_core.model.io import _HERE, CONFIG_NAME
+
+    names = {"llm"}
+    try:
+        todo = [json.loads((src / CONFIG_NAME).read_text())]
+    except (OSError, ValueError):
+        return names
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str) and value.startswith(_HERE):
+            first = Path(value[len(_HERE) :].lstrip("/" + os.sep)).parts[:1]
+            if first and (src / first[0]).is_dir():
+                names.add(first[0])
+    return names
+
+
 def copy_model_files(src: Path, dst: Path, skip: set[str]) -> None:
-    """Copy everything of ``src`` except its weights, its index and the names in ``skip``."""
+    """Copy the files of a saved model ``src`` but its weights, its index and the names in ``skip``: every file
+    at the top and the sub-folders the model is made of (not other folders, such as an export written inside
+    ``src`` or its temporary folder)."""
+    folders = _model_folders(src)
+    inside = dst.resolve()
     for item in src.iterdir():
         if item.name in skip or item.name == INDEX_NAME or item.name.endswith(".safetensors"):
             continue
         if item.is_dir():
+            if item.name not in folders:
+                continue
+            if inside.is_relative_to(item.resolve()):
+                raise ValueError(
+                    f"{dst} is inside {item}, a part of the model being copied; write the export elsewhere"
+                )
             shutil.copytree(item, dst / item.name)
-        else:
+        elif item.is_file():
             shutil.copy2(item, dst / item.name)
 
 
@@ -96,6 +179,6 @@ def convert_dtype(
         writer = ShardWriter(tmp, max_shard_size, always_index=True)
         for _, tensors in iter_state(folder):
             for key, t in tensors.items():
-                writer.add(key, t.to(target) if t.is_floating_point() else t)
+                writer.add(key, check_cast(key, t, target))
         writer.finish(aliases=index.get("aliases"))
     return Path(out).expanduser().resolve()

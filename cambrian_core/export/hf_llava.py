@@ -13,7 +13,9 @@ tokens nor position embeddings), and ``mlp2x_gelu``. Llava keeps every grid row,
 are square (or the model was built with ``unpad=False``); our model drops expand-to-square padding rows of
 non-square images. The image processor written (``LlavaImageProcessor``: pad to square with the mean colour,
 resize, normalise) matches our preprocessing up to the resize implementation and the rounding of the fill
-colour.
+colour. No ``LlavaProcessor`` is written (``AutoProcessor`` does not load the folder): it expands ``<image>``
+into a flat run of image tokens, not the rows-plus-newline layout, so the card shows the tokenizer + image
+processor recipe instead.
 """
 
 from __future__ import annotations
@@ -256,4 +258,9 @@ print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True
 
 `PROMPT` is a conversation in the LLM's chat format with one `<image>` per image (the example above is what the
 model was trained with). Images are used as their full square grid (ours drops the expand-to-square padding
-rows of non-square images, so results match exactly for square images)."""
+rows of non-square images, so results match exactly for square images).
+
+`AutoProcessor` / `LlavaProcessor` are not supported with this folder (it has no `processor_config.json`): the
+stock processor writes an image as one flat run of `<image>` tokens, without the `<image_newline>` token that
+ends each row here, so its inputs would not be the ones this model was exported for. Use the tokenizer and the
+image processor as above."""

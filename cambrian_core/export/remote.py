@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cambrian_core.export.dtype import copy_model_files, resolve_dtype
+from cambrian_core.export.dtype import check_cast, copy_model_files, resolve_dtype
 from cambrian_core.export.shards import INDEX_NAME, ShardWriter, iter_state
 from cambrian_core.fileio import staged_folder
 
@@ -79,16 +79,21 @@ def write_remote_folder(
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         writer = ShardWriter(folder, max_shard_size, always_index=True)
         for _, tensors in iter_state(src):
-            writer.add_all((k, t.to(target) if t.is_floating_point() else t) for k, t in tensors.items())
+            writer.add_all((k, check_cast(k, t, target)) for k, t in tensors.items())
         writer.finish(aliases=json.loads((src / INDEX_NAME).read_text()).get("aliases"))
     _write_hf_files(folder, meta["model"])
 
 
-def export_remote_model(model: torch.nn.Module, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def export_remote_model(
+    model: torch.nn.Module,
+    out: str | os.PathLike[str],
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
     """Save an in-memory cambrian model as a remote-code folder at ``out``."""
     from cambrian_core.model.io import CONFIG_NAME
 
     with staged_folder(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         _write_hf_files(tmp, json.loads((tmp / CONFIG_NAME).read_text())["model"])
     return Path(out).expanduser().resolve()

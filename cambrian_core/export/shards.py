@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.serialization._base import parse_size_to_int
 from safetensors.torch import save_file
 
 __all__ = [
@@ -35,18 +36,28 @@ _BIN_INDEX = "pytorch_model.bin.index.json"
 _BIN_SINGLE = "pytorch_model.bin"
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
 def parse_size(size: int | str) -> int:
-    """``"2GB"`` / ``"500MB"`` / ``"10KiB"`` / bytes -> bytes."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max shard size must be > 0 bytes, got {size}")
-        return size
-    try:
-        return parse_size_to_int(size.strip())
-    except ValueError as exc:
+    """``"2GB"`` / ``"500MB"`` (decimal) / ``"10KiB"`` / ``"1.5GiB"`` (binary) / bytes (``1000000`` or
+    ``"1000000"``) -> bytes."""
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+        unit = match.group(2).upper() if match else None
+        if unit not in _UNITS:
+            raise ValueError(
+                f"max shard size {size!r} is not a size like '2GB', '500MB', '512MiB' or a byte count"
+            )
+        size = int(Decimal(match.group(1)) * _UNITS[unit])
+    if isinstance(size, bool) or not isinstance(size, int):
         raise ValueError(
-            f"max shard size {size!r} is not a size like '2GB', '500MB' or a byte count"
-        ) from exc
+            f"max shard size {size!r} is not a size like '2GB', '500MB', '512MiB' or a byte count"
+        )
+    if size <= 0:
+        raise ValueError(f"max shard size must be > 0 bytes, got {size}")
+    return size
 
 
 def split_aliases(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -9,14 +9,16 @@ and caches it. Plugins add entries through ``cambrian_register`` like any other 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cambrian_core.model.io import CONFIG_NAME
+from cambrian_core.model.io import CONFIG_NAME, check_folder
 from cambrian_core.registry import CHECKPOINTS, MODELS, build
 
 __all__ = [
@@ -27,6 +29,10 @@ __all__ = [
     "register",
     "resolve_folder",
 ]
+
+
+#: kept in a built checkpoint's cached folder: the hash of the config it was built from
+BUILT_NAME = "cambrian_checkpoint.json"
 
 
 def cache_dir() -> Path:
@@ -91,26 +97,61 @@ class NamedCheckpoint:
             ok = (Path(self.folder) / CONFIG_NAME).is_file()
             return ok, "local folder" if ok else f"folder {self.folder} has no {CONFIG_NAME}"
         if self.hub_id is not None:
-            local = self._hub_cached()
+            local, problem = self._hub_cached()
             if local is not None:
                 return True, f"in the Hugging Face cache ({local})"
+            if problem is not None:
+                return False, problem
             return False, f"needs a network to download {self.hub_id} (not in the local Hugging Face cache)"
-        if (self.cached_folder / CONFIG_NAME).is_file():
+        stale = self._stale()
+        if stale is None:
             return True, f"built, cached at {self.cached_folder}"
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
-            return False, f"missing packages providing {', '.join(missing)}"
+            return False, f"{stale}{'; ' if stale else ''}missing packages providing {', '.join(missing)}"
+        if stale:
+            return True, f"{stale}; rebuilt on first use"
         return True, f"built on first use into {self.cached_folder}"
 
-    def _hub_cached(self) -> str | None:
+    def _hub_cached(self) -> tuple[str | None, str | None]:
+        """``(complete snapshot folder, None)``, ``(None, why it is partial)`` or ``(None, None)`` (not cached)."""
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
             path = snapshot_download(self.hub_id, local_files_only=True)
         except (LocalEntryNotFoundError, OSError, ValueError):
+            return None, None
+        try:
+            check_folder(path)
+        except (OSError, ValueError) as exc:
+            return None, (
+                f"only partly downloaded into the Hugging Face cache ({exc}); finish it with a network: "
+                f"`hf download {self.hub_id}` (or load it online)"
+            )
+        return path, None
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the registered config, kept with a built copy to notice when the registration changes."""
+        text = json.dumps(self.config, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _stale(self) -> str | None:
+        """``None`` when the built copy is there and built from the registered config; otherwise why not
+        (``""``: not built yet)."""
+        out = self.cached_folder
+        if not (out / CONFIG_NAME).is_file():
+            return ""
+        try:
+            built = json.loads((out / BUILT_NAME).read_text()).get("config_sha256")
+        except (OSError, ValueError, AttributeError):
+            built = None
+        if built == self.config_hash:
             return None
-        return path if (Path(path) / CONFIG_NAME).is_file() else None
+        if built is None:
+            return f"the copy cached at {out} does not record the config it was built from"
+        return f"the copy cached at {out} was built from another config than the registered one"
 
     def resolve(self) -> Path:
         """A saved-model folder for this checkpoint (building or, with a network, downloading it first)."""
@@ -120,9 +161,14 @@ class NamedCheckpoint:
                 raise FileNotFoundError(f"checkpoint `{self.name}`: {why}")
             return Path(self.folder)
         if self.hub_id is not None:
-            local = self._hub_cached()
+            local, problem = self._hub_cached()
             if local is not None:
                 return Path(local)
+            if _offline() and problem is not None:
+                raise FileNotFoundError(
+                    f"checkpoint `{self.name}` ({self.hub_id}) is {problem}; HF_HUB_OFFLINE is set, so it is not "
+                    "fetched"
+                )
             if _offline():
                 raise FileNotFoundError(
                     f"checkpoint `{self.name}` lives on the hub ({self.hub_id}) and is not cached here; "
@@ -130,13 +176,22 @@ class NamedCheckpoint:
                 )
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(self.hub_id))
+            path = Path(snapshot_download(self.hub_id))  # fetches what a partial snapshot lacks
+            try:
+                check_folder(path)
+            except (OSError, ValueError) as exc:
+                raise FileNotFoundError(
+                    f"checkpoint `{self.name}`: the download of {self.hub_id} is incomplete ({exc}); the hub "
+                    f"was unreachable or the repo is not a saved cambrian model: retry `hf download {self.hub_id}`"
+                ) from exc
+            return path
         out = self.cached_folder
-        if not (out / CONFIG_NAME).is_file():
+        if self._stale() is not None:
             ok, why = self.availability()
             if not ok:
                 raise FileNotFoundError(f"checkpoint `{self.name}` cannot be built here: {why}")
             self.builder(self, out)
+            (out / BUILT_NAME).write_text(json.dumps({"name": self.name, "config_sha256": self.config_hash}))
         return out
 
 

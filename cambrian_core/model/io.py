@@ -34,6 +34,8 @@ __all__ = [
     "CONFIG_NAME",
     "INDEX_NAME",
     "ModelFileError",
+    "check_folder",
+    "check_replaceable",
     "load_model",
     "load_weights",
     "read_config",
@@ -116,9 +118,11 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    from cambrian_core.export.shards import parse_size
+
     tensors, aliases = _dedupe(state)
     split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=parse_size(max_shard_size)
     )
     names = dict(split.filename_to_tensors)
     if not split.is_sharded:  # keep one layout: always numbered files and an index
@@ -132,14 +136,48 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
+def check_replaceable(folder: str | os.PathLike) -> None:
+    """Refuse (``FileExistsError``) to replace ``folder`` unless it is absent, empty or a saved cambrian model."""
+    dest = Path(folder)
+    if not dest.exists():
+        return
+    if dest.is_dir():
+        held = sorted(p.name for p in dest.iterdir())
+        if not held or (dest / CONFIG_NAME).is_file() or (dest / INDEX_NAME).is_file():
+            return
+        what = f"a folder holding other things ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''})"
+    else:
+        what = "a file"
+    raise FileExistsError(
+        f"{dest} is {what}, not a saved cambrian model, and saving there would replace all of it; save into a "
+        f"new or empty folder (e.g. {dest / 'model'}) or remove it first"
+    )
+
+
+def _peft_wrapped(model: nn.Module) -> bool:
+    """Whether any module of ``model`` comes from peft (an adapter that was not merged)."""
+    return any(type(m).__module__.split(".")[0] == "peft" for m in model.modules())
+
+
 def save_model(model: nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "2GB") -> str:
     """Write ``model`` (a ``CambrianModel``) to ``folder`` atomically; returns the folder path.
 
+    ``folder`` may exist when it is empty or holds a saved cambrian model (which is replaced); anything else
+    raises ``FileExistsError`` rather than deleting what is there.
+
     Args:
-        max_shard_size: largest safetensors shard (``"2GB"``, ``"500MB"`` or bytes); a tensor larger than
-            that gets a shard of its own.
+        max_shard_size: largest safetensors shard (``"2GB"``, ``"500MB"``, ``"512MiB"`` or bytes); a tensor
+            larger than that gets a shard of its own.
     """
     dest = Path(folder).resolve()
+    check_replaceable(dest)
+    if _peft_wrapped(model):
+        raise ValueError(
+            "cannot save: the LLM carries an unmerged peft (LoRA) adapter, which a saved model cannot restore; "
+            "merge it first (model.llm.model = model.llm.model.merge_and_unload(), as "
+            "cambrian_core.train.lora.export_lora does), or save the adapter alone with "
+            "model.llm.model.save_pretrained(dir) and merge it later with `cambrian export merge-lora`"
+        )
     with staged_folder(dest, overwrite=True) as tmp:
         config = saved_config(model, tmp)
         from cambrian_core import __version__
@@ -249,6 +287,26 @@ def check_weights(folder: str | os.PathLike) -> None:
             )
 
 
+def check_folder(folder: str | os.PathLike) -> None:
+    """A saved folder is complete: a readable config, the files it points to, every shard of its index
+    (headers only). Raises ``FileNotFoundError`` / ``ValueError`` naming what is missing or damaged."""
+    folder = Path(folder)
+    todo: list[Any] = [read_meta(folder)["model"]]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, Mapping):
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str) and value.startswith(_HERE):
+            path = folder / value[len(_HERE) :].lstrip("/" + os.sep)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{folder}: {path.relative_to(folder)} named in {CONFIG_NAME} is missing"
+                )
+    check_weights(folder)
+
+
 def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a saved folder (tied aliases restored), on the CPU."""
     folder = Path(folder)
@@ -331,7 +389,18 @@ def load_model(
     with torch.random.fork_rng(devices=[]):  # building initialises weights randomly: keep the caller's RNG
         model = build(MODELS, config)
     _match_dtypes(model, state)
-    result = model.load_state_dict(state, strict=strict)
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        want = model.state_dict()
+        missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        wrong = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
+        raise ModelFileError(
+            f"{folder}: its weights do not fit the model its {CONFIG_NAME} builds: {len(missing)} missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape "
+            f"{wrong[:3]}; it was saved from another model (one with an unmerged LoRA adapter?) or edited since: "
+            "save it again" + ("" if wrong or not strict else ", or load what fits with strict=False")
+        ) from exc
     if not strict and (result.missing_keys or result.unexpected_keys):
         import logging
 
@@ -342,11 +411,15 @@ def load_model(
             len(result.unexpected_keys),
         )
     if dtype is not None:
-        from cambrian_core.export.dtype import resolve_dtype
+        from cambrian_core.export.dtype import check_cast, narrows_range, resolve_dtype
 
-        model.to(
+        target = (
             dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)[0]
         )  # "bf16", "bfloat16" ...
+        for key, t in state.items():  # refuse a cast that turns weights into inf (fp16)
+            if t.is_floating_point() and narrows_range(t.dtype, target):
+                check_cast(key, t, target)
+        model.to(target)
     if device is not None:
         model.to(device)
     return model.eval()

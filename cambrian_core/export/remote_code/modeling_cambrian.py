@@ -93,8 +93,31 @@ class CambrianForCausalLM(PreTrainedModel):
         """Answer a prompt about images (cambrian's ``chat``)."""
         return self.model.chat(*args, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
-        """Write this model again as a ``trust_remote_code`` folder."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *args: Any,
+        push_to_hub: bool = False,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "5GB",
+        **kwargs: Any,
+    ) -> None:
+        """Write this model again as a ``trust_remote_code`` folder: a new one, or replacing an empty folder or a
+        saved model (``FileExistsError`` for a folder holding anything else). Only a local safetensors save is
+        supported: other options of transformers' ``save_pretrained`` are refused, not ignored."""
         from cambrian_core.export.remote import export_remote_model
+        from cambrian_core.model.io import check_replaceable
 
-        export_remote_model(self.model, save_directory, overwrite=True)
+        refused = [f"positional arguments {args!r}"] if args else []
+        if push_to_hub:
+            refused.append("push_to_hub=True (save, then upload with huggingface_hub.upload_folder)")
+        if not safe_serialization:
+            refused.append("safe_serialization=False (the weights are always safetensors)")
+        refused += [f"{k}=" for k in sorted(kwargs)]
+        if refused:
+            raise TypeError(
+                f"CambrianForCausalLM.save_pretrained does not support {', '.join(refused)}; it takes "
+                "save_directory and max_shard_size"
+            )
+        check_replaceable(save_directory)
+        export_remote_model(self.model, save_directory, overwrite=True, max_shard_size=max_shard_size)
