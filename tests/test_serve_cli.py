@@ -67,7 +67,7 @@ def test_infer_streams_to_the_terminal_as_tokens_arrive(engine, monkeypatch):
             writes.append(s)
             return super().write(s)
 
-    args = argparse.Namespace(max_new_tokens=16, temperature=0.0, top_p=1.0)
+    args = argparse.Namespace(max_new_tokens=16, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
     rc, text = infer_cmd._answer(
         engine, [{"role": "user", "content": "Describe the findings."}], [], args, Recorder()
     )
