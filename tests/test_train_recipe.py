@@ -647,6 +647,45 @@ def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match=r"eval\.limt: unknown key; did you mean `limit`\?"):
         run(train_cfg(records, tmp_path, eval={"benchmark": "jsonl", "data": str(records), "limt": 3}))
+    # what the first evaluation (hours later) would trip on is found before training
+    bad = {"benchmark": "slake", "data": str(tmp_path / "nope"), "split": "dev"}
+    with pytest.raises(ConfigError) as err:
+        run(train_cfg(records, tmp_path, eval={**bad, "options": {"lang": "en"}, "metrics": ["closed_acc"]}))
+    said = str(err.value)
+    assert (
+        "eval.options: slake takes no option(s) ['lang']; its options: none (slake is the English rows"
+        in said
+    )
+    assert "eval.split: slake has no split 'dev'; splits: train, validate, test" in said
+    assert f"eval.data: {tmp_path / 'nope'} does not exist" in said
+    assert (
+        "eval.metrics: Unknown metric type `closed_acc`" in said and "Did you mean `closed_accuracy`?" in said
+    )
+    with pytest.raises(ConfigError, match=r"eval\.benchmark: unknown benchmark 'slakes'"):
+        run(train_cfg(records, tmp_path, eval={"benchmark": "slakes", "data": str(records)}))
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_weights(
+    records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cambrian_core.train.recipe import TrainRecipe
+
+    def broken(self: TrainRecipe) -> None:
+        raise RuntimeError("the benchmark folder went away")
+
+    monkeypatch.setattr(TrainRecipe, "_evaluate_vqa", broken)
+    cfg = train_cfg(
+        records,
+        tmp_path,
+        schedule={"max_steps": 3},
+        checkpoint={"interval": 100},
+        eval={"benchmark": "jsonl", "data": str(records), "limit": 2},
+    )
+    with pytest.raises(RuntimeError, match="went away"):
+        run(cfg)
+    assert (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    monkeypatch.undo()
+    assert run(cfg, resume="auto")["step"] == 3  # the fixed run finishes: evaluation and export
 
 
 def test_flop_count_follows_what_the_step_computes() -> None:

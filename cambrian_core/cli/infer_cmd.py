@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", metavar="OUT.jsonl", help="batch results (default: <batch>.results.jsonl)")
     p.add_argument(
-        "--window", help=f"window for CT/MR: a preset ({', '.join(PRESETS)}), auto, or CENTER,WIDTH"
+        "--window",
+        help=f"window for CT/MR: a preset ({', '.join(PRESETS)}), auto, tags, minmax, percentile, or CENTER,WIDTH",
     )
     p.add_argument("--slice-axis", choices=["axial", "coronal", "sagittal"], help="slice plane of a volume")
     p.add_argument("--slice-index", type=int, help="slice of a volume (default: the middle one)")

@@ -39,7 +39,7 @@ from cambrian_core.config.schema import (
     ScheduleSection,
 )
 from cambrian_core.model.encoder import StagedTokens
-from cambrian_core.registry import CHECKPOINTS, MODELS, RUNNERS, build
+from cambrian_core.registry import CHECKPOINTS, MODELS, RUNNERS, BuildError, build
 from cambrian_core.train.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from cambrian_core.train.collate import Collator
 from cambrian_core.train.data import (
@@ -300,6 +300,8 @@ class TrainRecipe:
                     "data.val_fraction (held-out loss) or an eval section (VQA metrics), or remove it",
                 )
             )
+        if self.cfg.get("eval"):
+            problems.extend(self._eval_section_problems())
         if self.sched.eval_max_batches and not held_out:
             problems.append(
                 Problem(
@@ -374,6 +376,47 @@ class TrainRecipe:
             wandb=self.logcfg.wandb,
             config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
         )
+
+    def _eval_section_problems(self) -> list[Problem]:
+        """The ``eval`` section checked before training (not found out at the first evaluation, hours later)."""
+        from cambrian_core.eval.loaders import benchmark
+        from cambrian_core.eval.scoring import build_metrics
+
+        ev = _section(EvalSection, self.cfg, "eval")
+        out = []
+        try:
+            bench = benchmark(ev.benchmark)
+        except ValueError as exc:
+            return [Problem("eval.benchmark", str(exc))]
+        unknown = sorted(set(ev.options) - set(bench.options()))
+        if unknown:
+            out.append(
+                Problem(
+                    "eval.options",
+                    f"{bench.name} takes no option(s) {unknown}; its options: {bench.options() or 'none'}"
+                    + (
+                        " (slake is the English rows, slake_zh the Chinese ones)" if "lang" in unknown else ""
+                    ),
+                )
+            )
+        if ev.split is not None and "any" not in bench.splits and ev.split not in bench.splits:
+            out.append(
+                Problem(
+                    "eval.split", f"{bench.name} has no split {ev.split!r}; splits: {', '.join(bench.splits)}"
+                )
+            )
+        if not ev.data or not Path(ev.data).exists():
+            out.append(
+                Problem(
+                    "eval.data",
+                    f"{ev.data or '(empty)'} does not exist: the benchmark's local folder or file",
+                )
+            )
+        try:
+            build_metrics(ev.metrics)
+        except (ValueError, KeyError, BuildError) as exc:
+            out.append(Problem("eval.metrics", str(exc).strip("'\"")))
+        return out
 
     def _setup_vqa_hook(self) -> Any:
         """An :class:`~cambrian_core.eval.hook.EvalHook` for the ``eval`` section, or ``None``."""
@@ -1066,7 +1109,16 @@ class TrainRecipe:
     def cleanup(self) -> None:
         self.announce("cleanup: final checkpoint, evaluation, exported model, loss curve")
         if self.last_eval_step != self.step:
-            self._evaluate_all()
+            try:
+                self._evaluate_all()
+            except Exception:
+                folder = self.save()  # whatever went wrong in the evaluation, the trained weights are kept
+                log.error(
+                    "the final evaluation failed; the trained weights are in %s: fix the cause (the `eval` "
+                    "section?) and `--resume auto` finishes the run (evaluation, export)",
+                    folder,
+                )
+                raise
         self.save()
         self.exported = self._export()
         self.logger.close()
