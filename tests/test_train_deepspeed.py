@@ -207,3 +207,12 @@ def test_ds_config_filling() -> None:
         "0.0); bf16.enabled = True (the run's schedule.precision is 'fp32'); write \"auto\" there (cambrian fills "
         "it in) or change the run's setting"
     )
+    # through the runner it is a config error (the CLI's exit 2, no traceback), before DeepSpeed starts
+    from cambrian_core.config import ConfigError
+    from cambrian_core.train.runners.deepspeed import DeepSpeedRunner
+
+    runner = DeepSpeedRunner(config={**raw, "gradient_clipping": 1.0}, device="cpu")
+    with pytest.raises(
+        ConfigError, match=r"runner\.config: the inline DeepSpeed config: .*gradient_clipping = 1\.0"
+    ):
+        runner.prepare(torch.nn.Linear(2, 2), list, list, "fp32", None, 1, 2)

@@ -184,9 +184,17 @@ class DeepSpeedRunner(Runner):
 
         self._check_precision(precision)
         self.precision, self.clip_grad = precision, clip_grad
-        self.ds_config = fill_ds_config(
-            self.load_json(), micro_batch_size, grad_accum, self.world_size, precision, clip_grad
-        )
+        try:
+            self.ds_config = fill_ds_config(
+                self.load_json(), micro_batch_size, grad_accum, self.world_size, precision, clip_grad
+            )
+        except ValueError as exc:  # the JSON and the run disagree: a config error (exit 2), no traceback
+            from cambrian_core.config import ConfigError, Problem
+
+            where = (
+                self.config_source if isinstance(self.config_source, str) else "the inline DeepSpeed config"
+            )
+            raise ConfigError([Problem("runner.config", f"{where}: {exc}")]) from None
         model = model.to(self.device)
         optimizer = make_optimizer(list(model.named_parameters()))
         for g in optimizer.param_groups:  # DeepSpeed copies groups; names are only kept for logging
