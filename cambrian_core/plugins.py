@@ -104,8 +104,8 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
 
     Args:
         strict: raise ``PluginError`` when any plugin fails (default: ``$CAMBRIAN_STRICT_PLUGINS``).
-        reload: forget earlier discovery (registries are cleared) and discover again, e.g. after a
-            plugin package was installed or removed in this process.
+        reload: forget earlier discovery (registries are cleared, third-party plugin modules are imported
+            again) and discover again, e.g. after a plugin package was installed or removed in this process.
     """
     from cambrian_core.registry import REGISTRIES
 
@@ -120,6 +120,7 @@ def load_plugins(strict: bool | None = None, reload: bool = False) -> pluggy.Plu
             for reg in REGISTRIES.values():
                 reg.clear()
             _invalidate_import_caches()
+            _forget_plugin_modules(_entry_points())
         _state.update(loading=threading.get_ident(), failures=[], labels={})
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
@@ -203,6 +204,18 @@ def _invalidate_import_caches() -> None:
 
     importlib.invalidate_caches()
     sys.path_importer_cache.clear()
+
+
+def _forget_plugin_modules(eps: list[md.EntryPoint]) -> None:
+    """Drop third-party plugin packages (each entry point's top-level package, submodules too) from
+    ``sys.modules``, so that loading them again re-runs the registrations they make on import. cambrian's own
+    plugins register through ``cambrian_register`` and stay imported (their classes keep their identity)."""
+    import sys
+
+    own = {ep.module.split(".")[0] for ep in eps if _dist_name(ep) == "cambrian"} | {"cambrian_core"}
+    tops = {ep.module.split(".")[0] for ep in eps if _dist_name(ep) != "cambrian"} - own
+    for name in [m for m in sys.modules if m.split(".")[0] in tops]:
+        del sys.modules[name]
 
 
 def ensure_loaded() -> None:

@@ -254,3 +254,106 @@ def test_usage_errors_exit_2_with_the_message(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(argv)
     assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+DEMO = REPO / "configs" / "demo" / "cambrian_tiny_med_pretrain.py"
+
+
+def test_dict_and_list_values_are_type_checked_item_by_item() -> None:
+    from cambrian_core.config.schema import validate_tree
+
+    # a dotted --cfg-options key splits a module prefix with dots into nested dicts: a problem with the fix
+    with pytest.raises(ConfigError) as info:
+        load_config(CFG / "toy_leaf.py", ["optim.lr_groups.connector.mm_projector=5e-4"])
+    msg = str(info.value)
+    assert "optim.lr_groups: expected dict[str, float], got {" in msg
+    assert "a key with dots is one key: write optim.lr_groups={'connector.mm_projector': 0.0005}" in msg
+    cfg = load_config(CFG / "toy_leaf.py", ["optim.lr_groups={'connector.mm_projector': 5e-4}"])
+    assert cfg.optim.lr_groups["connector.mm_projector"] == 5e-4
+    bad = validate_tree({"eval": {"metrics": ["accuracy", 3]}, "optim": {"betas": ("a", 0.9)}})
+    assert [p.key for p in bad] == ["eval.metrics", "optim.betas"]
+
+
+def test_overrides_that_do_not_fit_the_config_are_problems_of_cfg_options(tmp_path) -> None:
+    off = tmp_path / "lora_off.py"
+    off.write_text(f"_base_ = [{str(CFG / 'toy_leaf.py')!r}]\nlora = None\n")
+    assert load_config(off, ["lora.r=8"]).lora == {"r": 8}  # a sub-key of a None section makes it a dict
+    assert load_config(off, ["lora={'r': 8}"]).lora == {"r": 8}
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["model.vision_tower_aux_list.2.freeze=False", "data.batch_size.x=1"])
+    msg = str(info.value)
+    assert (
+        "--cfg-options: model.vision_tower_aux_list.2.freeze: `model.vision_tower_aux_list` has 2 item(s) "
+        "(indexes 0..1), so there is no item 2" in msg
+    )
+    assert "--cfg-options: data.batch_size.x: `data.batch_size` is 4 (int), not a dict" in msg
+    # list items are set by index without touching the `{{_base_.x}}` value they were copied from
+    cfg = load_config(
+        REPO / "configs" / "cambrian" / "sva_llama3_8b_pretrain.py",
+        ["model.vision_tower_aux_list.0.freeze=False", "model.vision_tower_aux_token_len_list.3=576"],
+        validate=False,
+    )
+    assert cfg.model.vision_tower_aux_list[0]["freeze"] is False and "freeze" not in cfg._towers[0]
+    assert cfg.model.vision_tower_aux_token_len_list == [576] * 4
+
+
+def test_problems_are_attributed_by_their_whole_key_path(tmp_path) -> None:
+    (tmp_path / "myeval.py").write_text('eval = dict(benchmark="vqa_rad", data="d", batch_size=0)\n')
+    (tmp_path / "cross.py").write_text(
+        f"_base_ = [{str(DEMO)!r}, './myeval.py']\ndata = dict(batch_size=2)\n"
+    )
+    (tmp_path / "same.py").write_text(
+        f"_base_ = [{str(DEMO)!r}]\nlog = dict(interval=1)\ncheckpoint = dict(interval=0, keep_last=1)\n"
+    )
+    (tmp_path / "towers.py").write_text(
+        "# my towers\n_towers = [\n"
+        "    dict(type='efficientnet_lite0', pretrained=True, image_size=224, token_len=256),\n"
+        "    dict(type='timmm', model_name='vit_tiny_patch16_224', image_size=224, token_len=64),\n]\n"
+    )
+    (tmp_path / "leaf.py").write_text(
+        f"_base_ = [{str(DEMO)!r}, './towers.py']\nmodel = dict(vision_tower_aux_list={{{{_base_._towers}}}})\n"
+    )
+    expected = {
+        "cross.py": "myeval.py:1: eval.batch_size: must be >= 1",
+        "same.py": "same.py:3: checkpoint.interval: must be >= 1",
+        "leaf.py": "towers.py:4: model.vision_tower_aux_list[1].type: Unknown encoder type `timmm`",
+    }
+    for name, where in expected.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / name)
+        assert f"{tmp_path}{__import__('os').sep}{where}" in str(info.value), str(info.value)
+    with pytest.raises(ConfigError) as info:  # a section only the override brings in: its problem alone
+        load_config(DEMO, ["optm.lr=1e-4"])
+    assert "  - --cfg-options: optm: unknown top-level key; did you mean `optim`?" in str(info.value)
+
+
+def test_configs_are_named_as_config_list_prints_them(capsys, tmp_path) -> None:
+    from cambrian_core.cli import main
+
+    assert main(["config", "list", "ablations"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed and all(n.startswith("cambrian::ablations/") for n in listed)
+    assert main(["config", "list", "demo/"]) == 0
+    demo = capsys.readouterr().out.split()
+    assert "cambrian::demo/cambrian_tiny_med.py" in demo and len(demo) == 3
+    assert load_config(demo[0], validate=False).model.type == "cambrian"
+    with pytest.raises(ConfigError, match=r"unknown config scope `nosuch` in `nosuch::demo/x\.py`; known"):
+        load_config("nosuch::demo/x.py")
+    # a package that is not a config scope (nor one of mmengine's) is an unknown scope, not a mim lookup
+    for pkg in ("cambrian_core", "numpy"):
+        (tmp_path / f"{pkg}.py").write_text(f"_base_ = ['{pkg}::demo/cambrian_tiny_med.py']\n")
+        with pytest.raises(
+            ConfigError, match=rf"_base_: unknown config scope `{pkg}` .* known scopes: .*cambrian"
+        ):
+            load_config(tmp_path / f"{pkg}.py")
+
+
+def test_unquoted_lists_in_cfg_options_are_read_as_mmengine_reads_them() -> None:
+    opts = ["data.train=[a.jsonl,b.jsonl]", "x=a,b", "y=(1,b)", "z=two words", "w=[a,(b"]
+    assert parse_cfg_options(opts) == {
+        "data.train": ["a.jsonl", "b.jsonl"],
+        "x": ["a", "b"],
+        "y": (1, "b"),
+        "z": "two words",
+        "w": "[a,(b",
+    }

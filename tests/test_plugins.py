@@ -23,8 +23,8 @@ def _fake_dist(root: Path, name: str, module: str, source: str, ep_name: str) ->
     (info / "entry_points.txt").write_text(f"[cambrian.plugins]\n{ep_name} = {module}\n")
 
 
-def _run(args: list[str], extra_path: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _run(args: list[str], extra_path: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_vars}
     if extra_path is not None:
         env["PYTHONPATH"] = str(extra_path) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=120)
@@ -58,6 +58,10 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path: Path) -> None
     strict = _run(["--strict", "plugins", "list"], tmp_path)
     assert strict.returncode == 2
     assert "brokenplug" in strict.stderr and "boom at import" in strict.stderr
+    # $CAMBRIAN_STRICT_PLUGINS is the default when --strict is not given
+    env_strict = _run(["plugins", "list"], tmp_path, CAMBRIAN_STRICT_PLUGINS="1")
+    assert env_strict.returncode == 2 and "boom at import" in env_strict.stderr
+    assert _run(["plugins", "list"], tmp_path, CAMBRIAN_STRICT_PLUGINS="0").returncode == 0
 
 
 def test_a_plugin_cannot_take_builtin_names_or_break_the_command_line(tmp_path: Path) -> None:
@@ -238,3 +242,36 @@ def test_a_second_thread_waits_for_discovery_instead_of_seeing_empty_registries(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "SiglipEncoder"]
+
+
+def test_reload_registers_again_what_a_plugin_registers_on_import(tmp_path: Path) -> None:
+    src = """
+    from cambrian_core.registry import CONNECTORS
+
+    class MyConn:
+        pass
+
+    CONNECTORS.register_module(name="my_conn", module=MyConn)
+    """
+    _fake_dist(tmp_path, "impplug", "impplug_mod", src, "impplug")
+    script = textwrap.dedent(
+        """
+        from cambrian_core import plugins
+        from cambrian_core.registry import CONNECTORS
+
+        sva = CONNECTORS.get("sva")
+        plugins.load_plugins(reload=True)
+        print("my_conn" in CONNECTORS, CONNECTORS.providers.get("my_conn"), CONNECTORS.get("sva") is sva)
+        """
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the plugin's import-time component is back (same provider); the built-ins are the same classes
+    assert proc.stdout.split() == ["True", "impplug", "0.3", "True"]

@@ -77,8 +77,8 @@ STANDINS = {
     "siglip-so400m-patch14-384/open_clip_model.safetensors": None,
     "convnext-xxlarge-clip/open_clip_model.safetensors": None,
 }
-#: leaves (not _base_) under configs/: 12 seed-table leaves, the headline, 6 ablations, 3 demo configs
-EXPECTED = 22
+#: leaves (not _base_) under configs/: 12 seed-table leaves, the headline, 7 ablations, 3 demo configs
+EXPECTED = 23
 
 
 def leaf_configs() -> list[Path]:
@@ -145,6 +145,24 @@ def test_seed_tables_are_reproduced() -> None:
         )
 
 
+def test_every_load_from_is_the_model_a_shipped_config_trains() -> None:
+    """A stage-2 ``load_from`` names ``work_dirs/<stage-1 config name>/model`` (a run's default work dir)."""
+    names = {p.stem: p for p in leaf_configs()}
+    for path in leaf_configs():
+        load_from = load_config(path, validate=False).get("load_from")
+        if not load_from:
+            continue
+        parts = Path(load_from).parts
+        assert parts[0] == "work_dirs" and parts[2:] == ("model",), (path.name, load_from)
+        stage1 = names.get(parts[1])
+        assert stage1 is not None, f"{path.name}: load_from {load_from} is the output of no shipped config"
+        pre, fine = load_config(stage1), load_config(path)
+        assert pre.stage == "pretrain" and pre.model.connector == fine.model.connector, (
+            path.name,
+            stage1.name,
+        )
+
+
 def test_ablations_differ_from_their_parent_by_one_thing() -> None:
     from cambrian_core.cli.config_cmd import diff_configs
 
@@ -156,6 +174,7 @@ def test_ablations_differ_from_their_parent_by_one_thing() -> None:
         "sva_llama3_8b_finetune_lora.py": (parent, {"lora.r", "lora.alpha", "lora.dropout"}),
         "sva_llama3_8b_finetune_zero3.py": (parent, {"runner.type", "runner.config"}),
         "sva_llama3_8b_pretrain_feature_cache.py": (pre, {"data.feature_cache"}),
+        "sva_llama3_8b_pretrain_connector_only.py": (pre, {"model.connector.connector_only"}),
     }
     for name, (base, keys) in cases.items():
         changed = {

@@ -26,8 +26,9 @@ _CORE_COMMANDS = [
 ]
 
 
-def build_parser(strict: bool = False) -> argparse.ArgumentParser:
-    """The full parser: core subcommands plus every plugin's ``cambrian_cli_commands``."""
+def build_parser(strict: bool | None = None) -> argparse.ArgumentParser:
+    """The full parser: core subcommands plus every plugin's ``cambrian_cli_commands`` (``strict``: a failing
+    plugin is an error; ``None``: as ``$CAMBRIAN_STRICT_PLUGINS`` says)."""
     from cambrian_core import plugins
 
     parser = argparse.ArgumentParser(
@@ -46,7 +47,8 @@ def build_parser(strict: bool = False) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cambrian``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    strict = "--strict" in argv  # global flag, needed before the parser (which plugins extend) exists
+    # global flag, needed before the parser (which plugins extend) exists; absent: $CAMBRIAN_STRICT_PLUGINS
+    strict = True if "--strict" in argv else None
     logging.basicConfig(
         level=logging.DEBUG if ("-v" in argv or "--verbose" in argv) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show = psub.add_parser(
         "show", help="print the resolved config (bases merged, overrides applied, checked)"
     )
-    show.add_argument("config")
+    show.add_argument("config", help="config file, or scope::path as `config list` prints it")
     show.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override keys")
     show.add_argument("--no-check", action="store_true", help="print even if the config has problems")
     show.set_defaults(func=run_show)
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     diff.add_argument("b")
     diff.set_defaults(func=run_diff)
     lst = psub.add_parser("list", help="list the configs of every config scope (built-in and plugins)")
-    lst.add_argument("pattern", nargs="?", default="", help="substring filter")
+    lst.add_argument("pattern", nargs="?", default="", help="substring of the listed scope::path names")
     lst.set_defaults(func=run_list)
     p.set_defaults(func=lambda a: p.print_help() or 0)
 
@@ -85,7 +85,7 @@ def run_list(args: argparse.Namespace) -> int:
     for scope, folder in sorted(config_dirs().items()):
         for root, _, files in sorted(os.walk(folder)):
             for f in sorted(files):
-                if f.endswith(".py") and args.pattern in f:
-                    rel = os.path.relpath(os.path.join(root, f), folder)
-                    print(f"{scope}::{rel}")
+                name = f"{scope}::{os.path.relpath(os.path.join(root, f), folder)}"
+                if f.endswith(".py") and args.pattern in name:  # `ablations`, `demo/`, `cambrian::` all match
+                    print(name)
     return 0

@@ -11,7 +11,7 @@ import ast
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,32 +43,48 @@ class ConfigError(ValueError):
 _ORIG_GET_CFG_PATH = Config._get_cfg_path
 
 
+def _scope_path(cfg_path: str, key: str, filename: str | None) -> str | None:
+    """The file a plugin-contributed ``scope::rel`` names (``None``: a scope mmengine itself loads, such as
+    ``mmdet::``); an unknown scope is a :class:`ConfigError` listing the known ones."""
+    from mmengine.config.utils import PKG2PROJECT
+
+    from cambrian_core.plugins import config_dirs
+
+    scope, _, rel = cfg_path.partition("::")
+    dirs = config_dirs()
+    if scope in dirs:
+        return os.path.join(dirs[scope], rel)
+    if scope in PKG2PROJECT:
+        return None
+    known = ", ".join(sorted(dirs)) or "none"
+    raise ConfigError(
+        [
+            Problem(
+                key,
+                f"unknown config scope `{scope}` in `{cfg_path}`; known scopes: {known} "
+                "(install the plugin that provides it; `cambrian config list` shows every scope)",
+                filename,
+            )
+        ]
+    )
+
+
 def _scoped_cfg_path(cfg_path: str, filename: str) -> tuple[str, str | None]:
     """``Config._get_cfg_path`` that also understands plugin-contributed ``scope::path`` bases."""
     if "::" in cfg_path:
-        from cambrian_core.plugins import config_dirs
-
-        scope, _, rel = cfg_path.partition("::")
-        dirs = config_dirs()
-        if scope in dirs:
-            path = os.path.join(dirs[scope], rel)
+        path = _scope_path(cfg_path, "_base_", filename)
+        if path is not None:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"base config `{cfg_path}` (from {filename}) does not exist: {path}")
             return path, None
-        import importlib.util
-
-        if importlib.util.find_spec(scope.split(".")[0]) is None:
-            raise ConfigError(
-                [
-                    Problem(
-                        "_base_",
-                        f"unknown config scope `{scope}` in `{cfg_path}`; known scopes: {', '.join(sorted(dirs)) or 'none'} "
-                        "(install the plugin that provides it; `cambrian config list` shows every scope)",
-                        filename,
-                    )
-                ]
-            )
     return _ORIG_GET_CFG_PATH(cfg_path, filename)
+
+
+def _config_file(filename: str) -> str:
+    """``filename``, or the file a ``scope::rel`` name (as ``cambrian config list`` prints it) stands for."""
+    if "::" in filename and not os.path.isfile(filename):
+        return _scope_path(filename, "", None) or filename
+    return filename
 
 
 @contextlib.contextmanager
@@ -85,14 +101,19 @@ _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
 def _literal(text: str) -> Any:
-    """A ``--cfg-options`` value: a Python literal, ``true`` / ``false`` / ``none`` / ``null`` in any case, or
-    else the text itself (a bare word such as ``sdpa``)."""
+    """A ``--cfg-options`` value: a Python literal, ``true`` / ``false`` / ``none`` / ``null`` in any case, an
+    unquoted list or tuple as mmengine's DictAction reads it (``[a.jsonl,b.jsonl]``, ``a,b``), or else the text
+    itself (a bare word such as ``sdpa``)."""
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if text[:1] in "[(" or "," in text:  # DictAction's unquoted iterables: [a.jsonl,b.jsonl], a,b, (a,b)
+        with contextlib.suppress(AssertionError):  # unbalanced brackets
+            return DictAction._parse_iterable(text)
+    return text
 
 
 def parse_cfg_options(options: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -113,7 +134,7 @@ def parse_cfg_options(options: Sequence[str] | Mapping[str, Any] | None) -> dict
 
 def base_files(filename: str | os.PathLike) -> list[str]:
     """The config file and every file it inherits from, leaf first (used to attribute problems)."""
-    seen, order, stack = set(), [], [os.path.abspath(filename)]
+    seen, order, stack = set(), [], [os.path.abspath(_config_file(os.fspath(filename)))]
     with _plugin_scopes():
         while stack:
             f = stack.pop(0)
@@ -129,8 +150,82 @@ def base_files(filename: str | os.PathLike) -> list[str]:
     return order
 
 
+#: ``{{_base_.x.y}}`` (read as the expression ``_base_.x.y``) and other ``{{...}}`` (read as ``None``)
+_BASE_REF = re.compile(r"\{\{\s*(_base_(?:\.\w+)+)\s*\}\}")
+_OTHER_REF = re.compile(r"\{\{[^{}\n]*\}\}")
+
+
+def _assignments(filename: str) -> dict[str, ast.stmt]:
+    """Top-level ``name = ...`` statements of a Python config (the last one per name), ``{}`` if unparsable."""
+    try:
+        text = Path(filename).read_text(encoding="utf-8")
+        tree = ast.parse(_OTHER_REF.sub("None", _BASE_REF.sub(r"\1", text)))
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    out: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for t in targets:
+            if isinstance(t, ast.Name) and getattr(node, "value", None) is not None:
+                out[t.id] = node
+    return out
+
+
+def _base_ref(node: ast.expr) -> list[str] | None:
+    """``["x", "y"]`` for the expression ``_base_.x.y`` (a ``{{_base_.x.y}}``), else ``None``."""
+    names: list[str] = []
+    while isinstance(node, ast.Attribute):
+        names.insert(0, node.attr)
+        node = node.value
+    return names if names and isinstance(node, ast.Name) and node.id == "_base_" else None
+
+
+def _child(node: ast.expr, part: str) -> tuple[ast.expr, int] | None:
+    """The value (and its line) of keyword / entry / item ``part`` of a ``dict(...)``, ``{...}`` or ``[...]``."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
+        kw = next((kw for kw in node.keywords if kw.arg == part), None)
+        return (kw.value, kw.lineno) if kw else None
+    if isinstance(node, ast.Dict):
+        for k, v in zip(node.keys, node.values, strict=True):
+            if isinstance(k, ast.Constant) and str(k.value) == part:
+                return v, k.lineno
+    if isinstance(node, (ast.List, ast.Tuple)) and part.isdigit() and int(part) < len(node.elts):
+        return node.elts[int(part)], node.elts[int(part)].lineno
+    return None
+
+
+def _locate(parts: Sequence[str], files: Sequence[str], depth: int = 0) -> str | None:
+    """``file:line`` of the first file (leaf first) that sets the dotted key ``parts`` itself, following
+    ``{{_base_.x}}`` into the bases; ``None`` if no file does."""
+    for i, f in enumerate(files):
+        stmt = _assignments(f).get(parts[0])
+        if stmt is None:
+            continue
+        value, line = stmt.value, stmt.lineno  # type: ignore[attr-defined]
+        for j, part in enumerate(parts[1:], 1):
+            ref = _base_ref(value)
+            if ref is not None:  # the rest of the key is in a base
+                found = _locate([*ref, *parts[j:]], files[i + 1 :], depth + 1) if depth < 8 else None
+                if found:
+                    return found
+                line = None
+                break
+            step = _child(value, part)
+            if step is None:
+                line = None
+                break
+            value, line = step
+        if line is not None:
+            return f"{f}:{line}"
+    return None
+
+
 def _attribute(problem: Problem, files: list[str]) -> Problem:
-    """Find the file that sets the problem's last key (leaf config first)."""
+    """Find the file (and line) that sets the problem's key: the dotted path walked through each file's
+    ``dict(...)`` / ``[...]`` values (leaf first), else the first line that sets its last key."""
+    found = _locate(_dotted(problem.key).split("."), files) if problem.key else None
+    if found:
+        return Problem(problem.key, problem.message, found)
     leaf_key = re.sub(r"\[\d+\]", "", problem.key).split(".")[-1]
     if leaf_key == "type":
         leaf_key = re.sub(r"\[\d+\]", "", problem.key).split(".")[-2] if "." in problem.key else leaf_key
@@ -219,16 +314,62 @@ def load_config(
         FileNotFoundError: the config file does not exist.
         ConfigError: listing every problem, each with the file (and line) that sets the key and a suggestion.
     """
-    filename = os.fspath(filename)
+    filename = _config_file(os.fspath(filename))
     if not os.path.isfile(filename):
         raise FileNotFoundError(f"config file not found: {filename}")
     cfg = _read(filename)
     overrides = parse_cfg_options(cfg_options)
-    if overrides:
-        cfg.merge_from_dict(overrides)
+    new_keys = {k.split(".")[0] for k in overrides} - set(cfg.keys())
+    problems = []
+    for key, value in overrides.items():
+        try:
+            object.__setattr__(cfg, "_cfg_dict", _override(cfg._cfg_dict, key.split("."), value))
+        except _BadKey as exc:
+            problems.append(Problem(key, str(exc), "--cfg-options"))
+    if problems:
+        raise ConfigError(problems, filename)
     if validate:
-        check(cfg, filename, overrides)
+        check(cfg, filename, overrides, new_keys)
     return cfg
+
+
+class _BadKey(ValueError):
+    """A ``--cfg-options`` key that does not fit the config's shape (the message says why)."""
+
+
+def _override(node: Any, parts: Sequence[str], value: Any, done: str = "") -> Any:
+    """``node`` with the dotted key ``parts`` set to ``value``, as mmengine's ``merge_from_dict`` sets it (a dict
+    value merges into a dict, digits index lists) but copied along the path, so values a ``{{_base_.x}}``
+    shares stay as they are, with ``None`` on the way replaced by a dict (``lora.r=8`` on ``lora = None``), and
+    a key that cannot be set a :class:`_BadKey` instead of a ``TypeError`` / ``KeyError``."""
+    if not parts:
+        if isinstance(value, Mapping) and isinstance(node, (Mapping, list)):
+            try:
+                return Config._merge_a_into_b(dict(value), node, allow_list_keys=True)
+            except (TypeError, KeyError, AttributeError) as exc:
+                raise _BadKey(f"cannot be merged into `{done}` ({' '.join(str(exc).split())})") from None
+        return ConfigDict(value) if isinstance(value, Mapping) else value
+    part, rest, here = parts[0], parts[1:], f"{done}.{parts[0]}" if done else parts[0]
+    if isinstance(node, list):
+        if not part.isdigit():
+            raise _BadKey(f"`{done}` is a list: name an item by its index, e.g. `{done}.0`")
+        if int(part) >= len(node):
+            raise _BadKey(
+                f"`{done}` has {len(node)} item(s) (indexes 0..{len(node) - 1}), so there is no item {part}"
+            )
+        out = list(node)
+        out[int(part)] = _override(node[int(part)], rest, value, here)
+        return out
+    if node is None:
+        node = ConfigDict()
+    if not isinstance(node, Mapping):
+        raise _BadKey(
+            f"`{done}` is {node!r} ({type(node).__name__}), not a dict, so it has no key `{part}`; "
+            f"set `{done}` itself"
+        )
+    out = ConfigDict(node) if not isinstance(node, ConfigDict) else node.copy()
+    out[part] = _override(node.get(part), rest, value, here)
+    return out
 
 
 def _dotted(key: str) -> str:
@@ -237,9 +378,15 @@ def _dotted(key: str) -> str:
 
 
 def check(
-    cfg: Config | Mapping[str, Any], filename: str | None = None, overrides: Mapping[str, Any] = ()
+    cfg: Config | Mapping[str, Any],
+    filename: str | None = None,
+    overrides: Mapping[str, Any] = (),
+    new_keys: Collection[str] = (),
 ) -> None:
-    """Validate a resolved config; raise ``ConfigError`` with every problem at once."""
+    """Validate a resolved config; raise ``ConfigError`` with every problem at once.
+
+    ``new_keys``: top-level keys that only ``overrides`` set (their problems are the overrides' alone).
+    """
     tree = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
     problems = validate_tree(tree)
     if not problems:
@@ -250,7 +397,7 @@ def check(
     for p in problems:
         key = _dotted(p.key)
         below = [k for k in changed if key and k.startswith(key + ".")]
-        if any(key == k or key.startswith(k + ".") for k in changed):
+        if any(key == k or key.startswith(k + ".") for k in changed) or key.split(".")[0] in new_keys:
             attributed.append(Problem(p.key, p.message, "--cfg-options"))
         elif below:  # a whole-part problem (a cross-check) in a part that --cfg-options changed
             found = _attribute(p, files) if files else p

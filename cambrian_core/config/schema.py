@@ -331,6 +331,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    args = typing.get_args(hint)
     if origin is not None:
         hint = origin
     if hint is float:
@@ -338,10 +339,36 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint in (tuple, list):
-        return isinstance(value, (tuple, list))
+        if not isinstance(value, (tuple, list)):
+            return False
+        if hint is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: that many items
+            return len(value) == len(args) and all(map(_type_ok, value, args))
+        return not args or all(_type_ok(v, args[0]) for v in value)
     if hint is dict:
-        return isinstance(value, Mapping)
+        return isinstance(value, Mapping) and (
+            not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+        )
     return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _dotted_items(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"connector": {"mm_projector": 5e-4}}`` -> ``{"connector.mm_projector": 5e-4}``."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_dotted_items(v, name) if isinstance(v, Mapping) and v else {name: v})
+    return out
+
+
+def _nesting_hint(key: str, value: Any, hint: Any) -> str:
+    """For a ``dict[str, X]`` field that a dotted ``--cfg-options`` key split into nested dicts
+    (``optim.lr_groups.connector.mm_projector=5e-4``): how to write the entry as one key."""
+    if not isinstance(value, Mapping) or not any(isinstance(v, Mapping) for v in value.values()):
+        return ""
+    nested = _dotted_items({k: v for k, v in value.items() if isinstance(v, Mapping)})
+    if not _type_ok(nested, hint):
+        return ""
+    return f"; a key with dots is one key: write {key}={nested!r}"
 
 
 def _check_dataclass(spec: type, value: Any, key: str) -> list[Problem]:
@@ -356,7 +383,8 @@ def _check_dataclass(spec: type, value: Any, key: str) -> list[Problem]:
             did = f" did you mean `{hint}`?" if hint else ""
             out.append(Problem(f"{key}.{k}", f"unknown key;{did} accepted: {', '.join(names)}"))
         elif not _type_ok(v, hints[k]):
-            out.append(Problem(f"{key}.{k}", f"expected {_hint_name(hints[k])}, got {v!r}"))
+            why = f"expected {_hint_name(hints[k])}, got {v!r}{_nesting_hint(f'{key}.{k}', v, hints[k])}"
+            out.append(Problem(f"{key}.{k}", why))
     checker = getattr(spec, "value_problems", None)
     if checker is not None:
         typed = {k: v for k, v in value.items() if k in names and _type_ok(v, hints[k])}
