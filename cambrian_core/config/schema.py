@@ -240,7 +240,8 @@ class EvalSection:
     runners gather an unsharded copy of the model there for it).
 
     ``benchmark``: vqa_rad, slake, pathvqa, pmc_vqa or jsonl; ``data``: its local folder or file; ``limit``: the
-    first N items of ``split``; ``options``: extra loader keywords (e.g. ``{"lang": "en"}`` for SLAKE).
+    first N items of ``split``; ``options``: the benchmark's own loader keywords (``cambrian eval list`` shows
+    them, e.g. ``{"layout": "osf"}`` for vqa_rad).
     """
 
     benchmark: str = ""
