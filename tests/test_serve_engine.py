@@ -68,15 +68,21 @@ def test_batched_requests_equal_one_at_a_time(model, engine):
         solo.shutdown()
 
 
+def no_end(engine) -> dict[int, float]:
+    """A logit bias that keeps the tiny random model from ending (min_tokens would hold back stop strings too)."""
+    return {t: -100.0 for t in engine.stop_token_ids}
+
+
 def test_requests_with_different_budgets_and_stops_share_a_batch(engine):
-    full = engine.generate("Describe the findings.", max_new_tokens=16, min_tokens=16)
+    full = engine.generate("Describe the findings.", max_new_tokens=16, logit_bias=no_end(engine))
     assert full.completion_tokens == 16 and full.finish_reason == "length"
     stop = stop_from(full.text, 6)
+    keep = no_end(engine)
     handles = [
-        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=16, min_tokens=16)),
-        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=4, min_tokens=4)),
+        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=16, logit_bias=keep)),
+        engine.submit_chat("Describe the findings.", [], SamplingParams(max_new_tokens=4, logit_bias=keep)),
         engine.submit_chat(
-            "Describe the findings.", [], SamplingParams(max_new_tokens=16, min_tokens=16, stop=(stop,))
+            "Describe the findings.", [], SamplingParams(max_new_tokens=16, logit_bias=keep, stop=(stop,))
         ),
     ]
     a, b, c = (h.wait(timeout=60) for h in handles)
@@ -86,10 +92,10 @@ def test_requests_with_different_budgets_and_stops_share_a_batch(engine):
 
 
 def test_streamed_deltas_add_up_to_the_result_and_never_show_a_stop_string(engine):
-    full = engine.generate("Is there a fracture?", max_new_tokens=20, min_tokens=20).text
+    full = engine.generate("Is there a fracture?", max_new_tokens=20, logit_bias=no_end(engine)).text
     stop = stop_from(full, 8, 3)
     handle = engine.submit_chat(
-        "Is there a fracture?", [], SamplingParams(max_new_tokens=20, min_tokens=20, stop=(stop,))
+        "Is there a fracture?", [], SamplingParams(max_new_tokens=20, logit_bias=no_end(engine), stop=(stop,))
     )
     deltas = list(handle)
     assert "".join(deltas) == handle.result.text == full[: full.index(stop)]
@@ -423,17 +429,55 @@ def test_sampling_helper_bans_greedy_and_nucleus():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     draws = [sample_tokens(logits, [1.0] * 3, [1.0] * 3, [[], [], []], g) for g in (g1, g2)]
     assert draws[0] == draws[1]
-    # repetition_penalty (HF / vLLM): a seen token's positive logit is divided, a negative one multiplied;
-    # ids outside the vocabulary (image placeholders) are ignored; the caller's logits are untouched
+
+
+def test_penalties_and_biases_adjust_the_logits():
+    import torch
+
+    from cambrian_core.serve.batching import adjust_logits
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [-1.0, -1.5, -3.0, -3.0], [3.0, 0.0, 0.0, 0.0]])
     before = logits.clone()
-    picked = sample_tokens(
-        logits, [0, 0, 0], [1, 1, 1], [[], [], []], penalties=[1.2, 1.0, 4.0], seen=[[1, -200], [1], [0, 9]]
+    params = [
+        SamplingParams(repetition_penalty=1.2),  # over prompt + answer ids; -200 (an image marker) ignored
+        SamplingParams(repetition_penalty=2.0),  # a negative logit is multiplied
+        SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, logit_bias={"3": 2.5, "99": 1.0}),
+    ]
+    out = adjust_logits(logits, params, [[1, -200], [0], [2]], [[], [], [0, 0, 1]])
+    assert torch.equal(logits, before)  # the caller's logits stay as they were
+    expected = torch.tensor(
+        [[0.0, 5.0 / 1.2, 1.0, 4.9], [-2.0, -1.5, -3.0, -3.0], [3.0 - 2.0, -1.5, 0.0, 2.5]]
     )
-    assert picked == [3, 1, 0] and torch.equal(logits, before)  # 5 / 1.2 < 4.9; 3 / 4 > 0
-    negative = torch.tensor([[-1.0, -1.5, -3.0, -3.0]])
-    assert sample_tokens(negative, [0], [1], [[]], penalties=[2.0], seen=[[0]]) == [1]  # -1 * 2 < -1.5
+    torch.testing.assert_close(out, expected)  # answer counts only for the OpenAI penalties; id 99 ignored
+    assert adjust_logits(logits, [SamplingParams()] * 3, [[1]] * 3, [[1]] * 3) is logits  # nothing to do
     with pytest.raises(RequestError, match=r"repetition_penalty must be in \(0, 2\] \(1 = off\), got 0"):
         SamplingParams(repetition_penalty=0)
+    with pytest.raises(RequestError, match=r"frequency_penalty must be a number in \[-2, 2\], got 3"):
+        SamplingParams(frequency_penalty=3)
+
+
+def test_seeded_sampling_repeats_and_min_tokens_holds_back_stop_strings(engine):
+    ask = dict(max_new_tokens=10, min_tokens=10, temperature=1.0)
+    one, two = (engine.generate("Describe the findings.", [], seed=3, **ask).text for _ in range(2))
+    assert one == two != engine.generate("Describe the findings.", [], seed=4, **ask).text
+    free = engine.generate("Describe the findings.", [], max_new_tokens=16, min_tokens=16).text
+    stop = stop_from(free, 1)  # it appears early in the answer: before min_tokens it ends nothing
+    held = engine.generate("Describe the findings.", [], max_new_tokens=16, min_tokens=16, stop=(stop,))
+    assert (held.text, held.finish_reason) == (free, "length")
+
+
+def test_the_per_batch_path_penalises_each_row_as_it_would_alone(model):
+    solo = InferenceEngine(model, name="solo", max_batch_size=1, continuous=False)
+    batched = InferenceEngine(model, name="batch", max_batch_size=4, batch_wait=0.2, continuous=False)
+    try:
+        ask = dict(max_new_tokens=14, min_tokens=14, repetition_penalty=1.8, frequency_penalty=0.4)
+        prompts = ["What is in the image?", "Describe the findings of this chest film in detail.", "hi"]
+        alone = [solo.generate(p, [], **ask).text for p in prompts]
+        handles = [batched.submit_chat(p, [], SamplingParams(**ask)) for p in prompts]
+        assert [h.wait().text for h in handles] == alone
+    finally:
+        solo.shutdown()
+        batched.shutdown()
 
 
 def test_a_repetition_penalty_reaches_the_decoding(engine):

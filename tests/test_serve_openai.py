@@ -108,10 +108,11 @@ def test_streaming_gives_the_same_text_and_usage(client):
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
 
 
-def test_max_tokens_stop_and_sampling_settings(client):
+def test_max_tokens_stop_and_sampling_settings(client, engine):
     msgs = user("Is there a fracture?")
+    no_end = {str(t): -100 for t in engine.stop_token_ids}  # (min_tokens would hold back stop strings too)
     long = client.chat.completions.create(
-        model="tiny-a", messages=msgs, max_tokens=20, temperature=0, extra_body={"min_tokens": 20}
+        model="tiny-a", messages=msgs, max_tokens=20, temperature=0, logit_bias=no_end
     )
     assert long.usage.completion_tokens == 20 and long.choices[0].finish_reason == "length"
     text = long.choices[0].message.content
@@ -123,7 +124,7 @@ def test_max_tokens_stop_and_sampling_settings(client):
         max_tokens=20,
         temperature=0,
         stop=[stop],
-        extra_body={"min_tokens": 20},
+        logit_bias=no_end,
     )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -303,3 +304,47 @@ def test_a_client_that_leaves_cancels_its_non_streaming_request():
     short = Short()
     assert asyncio.run(_collect_unless_disconnected(Stays(), short, poll=0.02)) == "ab"
     assert not short.cancelled
+
+
+def test_through_the_key_check_a_client_that_leaves_still_cancels_its_request(engine, server, monkeypatch):
+    """The real server with --api-key: the key check must not hide the disconnect from the handler."""
+    import time
+
+    real = engine.model.decode_step
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)  # 400 tokens: ~20 s if nobody cancels
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "decode_step", slow)
+    body = {"model": "tiny-a", "messages": user("hi"), "max_tokens": 400, "min_tokens": 400, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            json=body,
+            timeout=1,
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+    left = time.monotonic()
+    while engine.queue_length and time.monotonic() - left < 15:
+        time.sleep(0.1)
+    assert engine.queue_length == 0 and time.monotonic() - left < 10
+
+
+def test_openai_sampling_fields_act_and_the_default_response_format_is_accepted(client):
+    ask = dict(model="tiny-a", messages=user("Describe the findings."), max_tokens=12, temperature=1.0)
+    seeded = [client.chat.completions.create(**ask, seed=7).choices[0].message.content for _ in range(2)]
+    other = client.chat.completions.create(**ask, seed=8).choices[0].message.content
+    assert seeded[0] == seeded[1] != other
+    greedy = dict(ask, temperature=0.0, extra_body={"min_tokens": 12})
+    plain = client.chat.completions.create(**greedy).choices[0].message.content
+    for change in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        assert client.chat.completions.create(**greedy, **change).choices[0].message.content != plain
+    text = (
+        client.chat.completions.create(**greedy, response_format={"type": "text"}).choices[0].message.content
+    )
+    assert text == plain
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(**greedy, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias must map token ids"):
+        client.chat.completions.create(**greedy, logit_bias={"5": 500})

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["DecodeBatch", "mergeable", "sample_tokens"]
+from cambrian_core.serve.request import SamplingParams
+
+__all__ = ["DecodeBatch", "LogitsAdjuster", "adjust_logits", "mergeable", "sample_tokens"]
 
 
 def mergeable(cache: Any) -> bool:
@@ -93,25 +95,15 @@ def sample_tokens(
     top_ps: Sequence[float],
     banned: Sequence[Sequence[int]],
     generator: torch.Generator | None = None,
-    penalties: Sequence[float] | None = None,
-    seen: Sequence[Sequence[int]] | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
 ) -> list[int]:
     """One token per row of ``logits`` ``[B, V]``: greedy where the temperature is <= 1e-3, else sampled from
     the temperature-scaled distribution cut to its top-p nucleus. ``banned[i]`` are ids row ``i`` may not take
-    yet (end tokens before ``min_tokens``); ``penalties[i]`` (``repetition_penalty``, 1 = off) applies to the
-    ids ``seen[i]`` (row ``i``'s prompt and answer so far; ids outside the vocabulary are ignored)."""
+    yet (end tokens before ``min_tokens``); ``generators[i]`` is row ``i``'s own random stream (else
+    ``generator``)."""
     logits = logits.float()
-    penalised = [
-        (i, p) for i, p in enumerate(penalties or ()) if p != 1.0 and seen is not None and len(seen[i])
-    ]
-    if any(banned) or penalised:
+    if any(banned):
         logits = logits.clone()  # the caller's logits stay as they were
-        vocab = logits.shape[-1]
-        for i, p in penalised:
-            ids = torch.tensor(sorted({t for t in seen[i] if 0 <= t < vocab}), dtype=torch.long)
-            ids = ids.to(logits.device)
-            row = logits[i, ids]
-            logits[i, ids] = torch.where(row < 0, row * p, row / p)
         for i, ids in enumerate(banned):
             if ids:
                 logits[i, list(ids)] = float("-inf")
@@ -125,5 +117,50 @@ def sample_tokens(
             outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keeps the token that crosses top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        out[i] = int(torch.multinomial(probs, 1, generator=generator))
+        own = generators[i] if generators is not None else None
+        out[i] = int(torch.multinomial(probs, 1, generator=own or generator))
     return out
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """``logits`` ``[B, V]`` with each row's penalties and biases (a new tensor when any applies): HF / vLLM
+    ``repetition_penalty`` over the prompt's and answer's ids (a positive logit divided, a negative one
+    multiplied), OpenAI's ``frequency_penalty`` x count and ``presence_penalty`` over the answer's ids, and
+    ``logit_bias``. Ids outside the vocabulary (image placeholders) are ignored."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p, row = params[i], logits[i]
+        answer = torch.tensor([t for t in answers[i] if 0 <= t < vocab], dtype=torch.long, device=row.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted({t for t in (*prompts[i], *answers[i]) if 0 <= t < vocab}), dtype=torch.long
+            ).to(row.device)
+            picked = row[seen]
+            row[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and len(answer):
+            counts = torch.bincount(answer, minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        for token, bias in p.logit_bias:
+            if token < vocab:
+                row[token] += bias
+    return logits
+
+
+class LogitsAdjuster:
+    """:func:`adjust_logits` as a transformers logits processor (the per-batch ``generate`` path, whose ids are
+    the answers only: the prompts go in as embeddings, so their ids are given here)."""
+
+    def __init__(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]) -> None:
+        self.params, self.prompts = list(params), [list(p) for p in prompts]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return adjust_logits(scores, self.params, self.prompts, input_ids.tolist()).to(scores.dtype)

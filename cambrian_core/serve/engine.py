@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from cambrian_core.model.masks import real_extents
 from cambrian_core.model.template import IMAGE_TOKEN
@@ -32,7 +33,7 @@ from cambrian_core.model.tokenize import (
     tokenize_conversation,
     tokenizer_adds_bos,
 )
-from cambrian_core.serve.batching import DecodeBatch, mergeable, sample_tokens
+from cambrian_core.serve.batching import DecodeBatch, LogitsAdjuster, adjust_logits, mergeable, sample_tokens
 from cambrian_core.serve.errors import RequestError
 from cambrian_core.serve.request import (
     Channel,
@@ -200,7 +201,8 @@ class InferenceEngine:
             req.finish(self.flush(req), "stop")
             return
         self.detokenize(req)
-        _emit(req, stops)
+        # before min_tokens no stop string ends the answer either (vLLM): only the end tokens are banned there
+        _emit(req, stops if len(req.tokens) >= req.params.min_tokens else ())
         if not req.done and len(req.tokens) >= req.max_new_tokens:
             req.finish(self.flush(req), "length")
 
@@ -456,13 +458,18 @@ class InferenceEngine:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         stops = sorted(self.stop_token_ids)
+        for r in reqs:  # a seeded request's own random stream, on the logits' device
+            if r.params.seed is not None and r.generator is None:
+                r.generator = torch.Generator(device=logits.device).manual_seed(r.params.seed)
+        logits = adjust_logits(
+            logits, [r.params for r in reqs], [r.input_ids for r in reqs], [r.tokens for r in reqs]
+        )
         return sample_tokens(
             logits,
             [float(r.params.temperature) if r.params.do_sample else 0.0 for r in reqs],
             [float(r.params.top_p) for r in reqs],
             [stops if len(r.tokens) < min(r.params.min_tokens, r.max_new_tokens) else () for r in reqs],
-            penalties=[float(r.params.repetition_penalty) for r in reqs],
-            seen=[[*r.input_ids, *r.tokens] if r.params.repetition_penalty != 1.0 else () for r in reqs],
+            generators=[r.generator for r in reqs],
         )
 
     def _admit(self, batch: DecodeBatch, reqs: list[Request]) -> None:
@@ -529,9 +536,17 @@ class InferenceEngine:
     def _run_batch(self, batch: list[Request]) -> None:
         try:
             ids, mask, pixels, sizes = self._prompts(batch)
-            params = batch[0].params
+            params = batch[0].params  # one batch_key: the same sampling settings for every row
             budget = max(r.max_new_tokens for r in batch)
-            with torch.inference_mode():
+            extra: dict[str, Any] = {}
+            if params.adjusts_logits:  # penalties over each row's prompt ids too (generate sees embeddings)
+                extra["logits_processor"] = LogitsProcessorList(
+                    [LogitsAdjuster([r.params for r in batch], [r.input_ids for r in batch])]
+                )
+            seeded = torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [])
+            with torch.inference_mode(), seeded:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
                 self.model.generate(
                     ids,
                     mask,
@@ -543,9 +558,8 @@ class InferenceEngine:
                     top_p=float(params.top_p) if params.do_sample else 1.0,
                     eos_token_id=sorted(self.stop_token_ids),
                     min_new_tokens=min(params.min_tokens, budget) or None,
-                    # (transformers sees the answer's ids only here: the prompt goes in as embeddings)
-                    repetition_penalty=float(params.repetition_penalty),
                     streamer=_Router(self, batch),
+                    **extra,
                 )
         except _BatchDone:
             pass

@@ -3,7 +3,9 @@
 Works with the official ``openai`` client (``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)``). Image
 parts are ``{"type": "image_url", "image_url": {"url": "data:<mime>;base64,..."}}`` (PNG, JPEG, DICOM or NIfTI
 bytes); local paths (``file://`` or absolute) only with ``--allow-local-files``; remote URLs are never fetched.
-Extensions a client may send in ``extra_body``: ``min_tokens``, ``repetition_penalty`` (as vLLM), and ``window`` / ``slice_axis`` /
+``frequency_penalty``, ``presence_penalty``, ``logit_bias`` and ``seed`` act as in OpenAI's API (the seed gives the
+request its own random stream). Extensions a client may send in ``extra_body``: ``min_tokens`` (no end token or
+stop string before it), ``repetition_penalty`` (as vLLM), and ``window`` / ``slice_axis`` /
 ``slice_index`` / ``frame`` for scans. Errors use OpenAI's ``{"error": {message, type, param, code}}`` shape.
 """
 
@@ -60,6 +62,8 @@ def parse_chat_request(
             code="model_not_found",
         )
     for key in _UNSUPPORTED:
+        if key == "response_format" and body.get(key) == {"type": "text"}:  # OpenAI's default: plain text
+            continue
         if body.get(key):
             raise RequestError(
                 f"`{key}` is not supported by this server", param=key, code="unsupported_parameter"
@@ -152,6 +156,25 @@ def _error(exc: RequestError) -> Any:
     )
 
 
+class _KeyCheck:
+    """The bearer-key check of every ``/v1`` route, as plain ASGI middleware: Starlette's ``BaseHTTPMiddleware``
+    (``@app.middleware("http")``) hides a client's disconnect from the handlers, so an abandoned non-streaming
+    request would decode to its full budget."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                message = "missing or incorrect API key: send `Authorization: Bearer <key>`"
+                await _error(RequestError(message, status=401))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: InferenceEngine,
     api_key: str | None = None,
@@ -166,18 +189,8 @@ def create_app(
     app = FastAPI(title=f"cambrian OpenAI-compatible API ({engine.name})")
     app.state.engine = engine
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Response:
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return _error(
-                    RequestError(
-                        "missing or incorrect API key: send `Authorization: Bearer <key>`", status=401
-                    )
-                )
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_KeyCheck, api_key=api_key)
 
     def model_card() -> dict[str, Any]:
         return {"id": engine.name, "object": "model", "created": created, "owned_by": "cambrian"}

@@ -21,7 +21,7 @@ def _number(params: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def _integer(params: Mapping[str, Any], key: str, default: int) -> int:
+def _integer(params: Mapping[str, Any], key: str, default: Any) -> Any:
     value = params.get(key, default)
     if value is None:
         return default
@@ -59,7 +59,28 @@ def sampling_from(
         stop=stops,
         min_tokens=_integer(params, "min_tokens", 0),
         repetition_penalty=_number(params, "repetition_penalty", 1.0),
+        frequency_penalty=_number(params, "frequency_penalty", 0.0),
+        presence_penalty=_number(params, "presence_penalty", 0.0),
+        logit_bias=_logit_bias(params.get("logit_bias")),
+        seed=_integer(params, "seed", None),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` map as pairs (checked by :class:`SamplingParams`)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise RequestError(
+            f"`logit_bias` must be an object of token id -> bias, got {value!r:.80}", param="logit_bias"
+        )
+    try:
+        return tuple((int(k), float(v)) for k, v in value.items())
+    except (TypeError, ValueError):
+        raise RequestError(
+            f"`logit_bias` keys must be token ids and values numbers, got {dict(value)!r:.80}",
+            param="logit_bias",
+        ) from None
 
 
 def scan_options(params: Mapping[str, Any]) -> ScanOptions:

@@ -46,6 +46,14 @@ class SamplingParams:
     #: > 1 discourages every token already in the prompt or the answer (HF / vLLM ``repetition_penalty``: a
     #: positive logit is divided by it, a negative one multiplied); 1 = off
     repetition_penalty: float = 1.0
+    #: OpenAI's additive penalties over the answer's tokens: ``frequency_penalty`` x count and
+    #: ``presence_penalty`` once per token already in the answer; each in [-2, 2]
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    #: ``(token id, bias)`` pairs added to the logits (OpenAI's ``logit_bias``; bias in [-100, 100])
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: a per-request random stream for sampling (the same seed and request give the same answer)
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # one stop string, not its characters
@@ -80,6 +88,24 @@ class SamplingParams:
                 f"repetition_penalty must be in (0, 2] (1 = off), got {self.repetition_penalty!r}",
                 param="repetition_penalty",
             )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name} must be a number in [-2, 2], got {value!r}", param=name)
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        try:
+            bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        except (TypeError, ValueError):
+            bias = None
+        if bias is None or any(t < 0 or not -100.0 <= b <= 100.0 for t, b in bias):
+            raise RequestError(
+                'logit_bias must map token ids (>= 0) to biases in [-100, 100], e.g. {"1234": -100}',
+                param="logit_bias",
+            )
+        object.__setattr__(self, "logit_bias", bias)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RequestError(f"seed must be an integer, got {self.seed!r}", param="seed")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise RequestError(
                 f"min_tokens must be an integer in 0..max_tokens ({self.max_new_tokens}), got {self.min_tokens!r}",
@@ -90,12 +116,27 @@ class SamplingParams:
     def do_sample(self) -> bool:
         return float(self.temperature) > 1e-3
 
-    def batch_key(self) -> tuple[bool, float, float, int, float]:
+    def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys decode in one batch (the stop strings and budgets are per request)."""
-        penalty = float(self.repetition_penalty)
+        logits = (
+            float(self.repetition_penalty),
+            float(self.frequency_penalty),
+            float(self.presence_penalty),
+            self.logit_bias,
+        )
         if not self.do_sample:
-            return (False, 0.0, 1.0, self.min_tokens, penalty)
-        return (True, float(self.temperature), float(self.top_p), self.min_tokens, penalty)
+            return (False, 0.0, 1.0, self.min_tokens, *logits)
+        return (True, float(self.temperature), float(self.top_p), self.min_tokens, *logits, self.seed)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any penalty or bias changes the logits before sampling."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
 
 @dataclass(frozen=True)
@@ -164,6 +205,8 @@ class Request:
     read_offset: int = 0
     first_token: float | None = None
     done: bool = False
+    #: the request's own random stream (``params.seed``), made on the logits' device at its first token
+    generator: Any = None
 
     def finish(self, text: str, reason: str) -> None:
         if self.done:
