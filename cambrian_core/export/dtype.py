@@ -109,23 +109,17 @@ def check_cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Te
 
 def _model_folders(src: Path) -> set[str]:
     """The sub-folders a saved model is made of: ``llm`` and every folder its config points into."""
-    from cambrian_core.model.io import _HERE, CONFIG_NAME
+    from cambrian_core.model.io import CONFIG_NAME, folder_references
 
     names = {"llm"}
     try:
-        todo = [json.loads((src / CONFIG_NAME).read_text())]
+        config = json.loads((src / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return names
-    while todo:
-        value = todo.pop()
-        if isinstance(value, dict):
-            todo.extend(value.values())
-        elif isinstance(value, list):
-            todo.extend(value)
-        elif isinstance(value, str) and value.startswith(_HERE):
-            first = Path(value[len(_HERE) :].lstrip("/" + os.sep)).parts[:1]
-            if first and (src / first[0]).is_dir():
-                names.add(first[0])
+    for rel in folder_references(config):
+        first = Path(rel).parts[:1]
+        if first and (src / first[0]).is_dir():
+            names.add(first[0])
     return names
 
 

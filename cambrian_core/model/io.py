@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -287,11 +287,9 @@ def check_weights(folder: str | os.PathLike) -> None:
             )
 
 
-def check_folder(folder: str | os.PathLike) -> None:
-    """A saved folder is complete: a readable config, the files it points to, every shard of its index
-    (headers only). Raises ``FileNotFoundError`` / ``ValueError`` naming what is missing or damaged."""
-    folder = Path(folder)
-    todo: list[Any] = [read_meta(folder)["model"]]
+def folder_references(config: Any) -> Iterator[str]:
+    """The paths (relative to the saved folder) that ``model_dir://`` values anywhere in ``config`` name."""
+    todo: list[Any] = [config]
     while todo:
         value = todo.pop()
         if isinstance(value, Mapping):
@@ -299,11 +297,16 @@ def check_folder(folder: str | os.PathLike) -> None:
         elif isinstance(value, list):
             todo.extend(value)
         elif isinstance(value, str) and value.startswith(_HERE):
-            path = folder / value[len(_HERE) :].lstrip("/" + os.sep)
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{folder}: {path.relative_to(folder)} named in {CONFIG_NAME} is missing"
-                )
+            yield value[len(_HERE) :].lstrip("/" + os.sep)
+
+
+def check_folder(folder: str | os.PathLike) -> None:
+    """A saved folder is complete: a readable config, the files it points to, every shard of its index
+    (headers only). Raises ``FileNotFoundError`` / ``ValueError`` naming what is missing or damaged."""
+    folder = Path(folder)
+    for rel in folder_references(read_meta(folder)["model"]):
+        if not (folder / rel).exists():
+            raise FileNotFoundError(f"{folder}: {rel} named in {CONFIG_NAME} is missing")
     check_weights(folder)
 
 
