@@ -333,6 +333,8 @@ def test_option_letter_reads_markdown_brackets_first_line_and_choose(
         ("是，不存在", "yes"),  # the first marker decides
         ("病灶不存在", "no"),
         ("不规则", None),  # 不 starting "irregular" says nothing
+        ("不", "no"),  # 不 standing alone is "no"
+        ("不。", "no"),
         ("边缘不规则的肿块", None),
         ("无法确定", None),  # 无法 (cannot) and 还是 (or) hold markers but answer nothing
         ("还是左侧", None),
@@ -346,6 +348,7 @@ def test_chinese_polarity_finds_the_first_marker_anywhere(prediction: str, expec
 def test_chinese_closed_answers_are_scored_by_their_first_marker() -> None:
     assert closed_correct("图中没有肺结节。", "否") and closed_correct("该图像中有积液", "是")
     assert not closed_correct("不规则", "否") and not closed_correct("图中没有肺结节。", "是")
+    assert closed_correct("不", "不")  # a gold answer of a bare 不 is matched by itself
 
 
 def test_list_answers_match_in_any_order() -> None:

@@ -475,6 +475,11 @@ def test_the_per_batch_path_penalises_each_row_as_it_would_alone(model):
         alone = [solo.generate(p, [], **ask).text for p in prompts]
         handles = [batched.submit_chat(p, [], SamplingParams(**ask)) for p in prompts]
         assert [h.wait().text for h in handles] == alone
+        # unseeded sampling there draws from the advancing global stream (a seed only forks it)
+        free = [
+            solo.generate("hi", [], max_new_tokens=12, min_tokens=12, temperature=1.0).text for _ in range(3)
+        ]
+        assert len(set(free)) > 1
     finally:
         solo.shutdown()
         batched.shutdown()

@@ -459,9 +459,6 @@ def test_cli_dry_run_errors_and_launchers(
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
     # settings that would do nothing are named, not ignored
     with pytest.raises(ConfigError) as err:
-        run(train_cfg(records, tmp_path / "w5", data={"val": str(records), "val_fraction": 0.5}))
-    assert "data.val_fraction: 0.5 holds nothing out when data.val gives the held-out file" in str(err.value)
-    with pytest.raises(ConfigError) as err:
         run(train_cfg(records, tmp_path / "w6", schedule={"eval_interval": 2, "eval_max_batches": 3}))
     assert "schedule.eval_interval: 2 but this run evaluates nothing: set data.val" in str(err.value)
     assert "schedule.eval_max_batches: 3 limits a held-out loss this run does not compute" in str(err.value)
@@ -648,7 +645,14 @@ def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"eval\.limt: unknown key; did you mean `limit`\?"):
         run(train_cfg(records, tmp_path, eval={"benchmark": "jsonl", "data": str(records), "limt": 3}))
     # what the first evaluation (hours later) would trip on is found before training
-    bad = {"benchmark": "slake", "data": str(tmp_path / "nope"), "split": "dev"}
+    ok = {"benchmark": "slake", "data": str(records), "split": "Val"}  # as the loader reads it: validate
+    from mmengine.config import Config
+
+    from cambrian_core.train.recipe import TrainRecipe
+
+    recipe = TrainRecipe(Config(train_cfg(records, tmp_path, eval=ok)))
+    assert [p.key for p in recipe._eval_section_problems()] == []
+    bad = {"benchmark": "slake", "data": str(tmp_path / "nope"), "split": "holdout"}
     with pytest.raises(ConfigError) as err:
         run(train_cfg(records, tmp_path, eval={**bad, "options": {"lang": "en"}, "metrics": ["closed_acc"]}))
     said = str(err.value)
@@ -656,7 +660,7 @@ def test_eval_section_rejects_unknown_keys(records: Path, tmp_path: Path) -> Non
         "eval.options: slake takes no option(s) ['lang']; its options: none (slake is the English rows"
         in said
     )
-    assert "eval.split: slake has no split 'dev'; splits: train, validate, test" in said
+    assert "eval.split: slake has no split 'holdout'; splits: train, validate, test" in said
     assert f"eval.data: {tmp_path / 'nope'} does not exist" in said
     assert (
         "eval.metrics: Unknown metric type `closed_acc`" in said and "Did you mean `closed_accuracy`?" in said

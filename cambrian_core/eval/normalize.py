@@ -132,7 +132,8 @@ def contains_phrase(haystack: Sequence[str], phrase: Sequence[str]) -> bool:
 
 def polarity(text: object) -> str | None:
     """``"yes"`` / ``"no"`` from an answer: the first whole word yes or no (English), else the first Chinese marker
-    (是/有/存在, or 对 opening the answer, versus 否/不是/不存在/没有/无/未见...; a bare 不 as in 不规则 is none, nor
+    (是/有/存在, or 对 opening the answer, versus 否/不是/不存在/没有/无/未见 or 不 standing alone; 不 inside a word
+    as in 不规则 is none, nor
     are 是否, 还是, 无法...); ``None`` when the answer says neither."""
     for t in tokens(text):
         if t in ("yes", "no"):
@@ -140,6 +141,8 @@ def polarity(text: object) -> str | None:
     s = unicodedata.normalize("NFKC", str(text)).strip()
     if s.startswith("对") and not s.startswith("对称"):
         return "yes"
+    if re.match(r"不(?:[\s,.!?;:，。！？；：、]|$)", s):  # a bare 不 standing alone: "no"
+        return "no"
     i = 0
     while i < len(s):
         skip = next((w for w in _ZH_NEITHER if s.startswith(w, i)), None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -543,7 +544,12 @@ class InferenceEngine:
                 extra["logits_processor"] = LogitsProcessorList(
                     [LogitsAdjuster([r.params for r in batch], [r.input_ids for r in batch])]
                 )
-            seeded = torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [])
+            # a seeded batch draws from its seed, then leaves the global stream as it was; others advance it
+            seeded = (
+                torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else [])
+                if params.seed is not None
+                else contextlib.nullcontext()
+            )
             with torch.inference_mode(), seeded:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)

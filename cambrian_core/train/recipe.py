@@ -283,14 +283,6 @@ class TrainRecipe:
                     )
         if not 0.0 <= self.data.val_fraction < 1.0:
             problems.append(Problem("data.val_fraction", f"{self.data.val_fraction} must be in [0, 1)"))
-        elif self.data.val and self.data.val_fraction > 0:
-            problems.append(
-                Problem(
-                    "data.val_fraction",
-                    f"{self.data.val_fraction} holds nothing out when data.val gives the held-out file; "
-                    "remove one of the two",
-                )
-            )
         held_out = bool(self.data.val) or self.data.val_fraction > 0
         if self.sched.eval_interval and not held_out and not self.cfg.get("eval"):
             problems.append(
@@ -379,7 +371,8 @@ class TrainRecipe:
 
     def _eval_section_problems(self) -> list[Problem]:
         """The ``eval`` section checked before training (not found out at the first evaluation, hours later)."""
-        from cambrian_core.eval.loaders import benchmark
+        from cambrian_core.eval.loaders import DataLayoutError, benchmark
+        from cambrian_core.eval.loaders.common import split_name
         from cambrian_core.eval.scoring import build_metrics
 
         ev = _section(EvalSection, self.cfg, "eval")
@@ -399,12 +392,11 @@ class TrainRecipe:
                     ),
                 )
             )
-        if ev.split is not None and "any" not in bench.splits and ev.split not in bench.splits:
-            out.append(
-                Problem(
-                    "eval.split", f"{bench.name} has no split {ev.split!r}; splits: {', '.join(bench.splits)}"
-                )
-            )
+        if ev.split is not None and "any" not in bench.splits:
+            try:  # as the loader reads it (case, validation aliases)
+                split_name(ev.split, bench.splits, bench.name)
+            except DataLayoutError as exc:
+                out.append(Problem("eval.split", str(exc)))
         if not ev.data or not Path(ev.data).exists():
             out.append(
                 Problem(
@@ -538,6 +530,8 @@ class TrainRecipe:
         if d.val:
             val_index = JsonlIndex(_as_list(d.val), cache_dir=index_cache)
             train_ids, val_ids = np.arange(len(index)), None
+            if d.val_fraction > 0:  # (a dataset base sets it; the held-out file takes its place)
+                self.announce(f"setup: held out: data.val; data.val_fraction={d.val_fraction} is not used")
         else:
             perm = np.random.default_rng(self.seed).permutation(len(index))
             n_val = round(len(index) * d.val_fraction)
@@ -1112,6 +1106,8 @@ class TrainRecipe:
             try:
                 self._evaluate_all()
             except Exception:
+                if self.runner.world_size > 1:  # the other ranks wait in the evaluation's collectives
+                    raise
                 folder = self.save()  # whatever went wrong in the evaluation, the trained weights are kept
                 log.error(
                     "the final evaluation failed; the trained weights are in %s: fix the cause (the `eval` "
