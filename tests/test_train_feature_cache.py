@@ -111,7 +111,7 @@ def test_stage1_losses_with_cache_equal_without(
     reused = run(train_cfg(records, tmp_path / "reused", data={"feature_cache": str(cache_dir)}, **over))
     assert reused["losses"] == cached["losses"]
 
-    with pytest.raises(ValueError, match=r"data\.feature_cache is set but stage `full` trains towers"):
+    with pytest.raises(ValueError, match=r"data\.feature_cache: is set but stage `full` trains towers"):
         run(
             train_cfg(
                 records, tmp_path / "full", stage="full", data={"feature_cache": str(cache_dir)}, **over

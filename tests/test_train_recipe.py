@@ -457,6 +457,11 @@ def test_cli_dry_run_errors_and_launchers(
         run(train_cfg(records, tmp_path / "w4", data={"batch_size": 4, "val_fraction": 0.9}))
     with pytest.raises(ConfigError, match=r"schedule\.grad_accum: must be >= 1, got 0"):
         run(train_cfg(records, tmp_path / "w3", schedule={"grad_accum": 0}))
+    # found in setup, said as config problems too (exit 2, no traceback)
+    with pytest.raises(
+        ConfigError, match=r"schedule\.grad_accum: 50 but one epoch has \d+ micro-batches per rank"
+    ):
+        run(train_cfg(records, tmp_path / "w7", schedule={"grad_accum": 50}))
     # settings that would do nothing are named, not ignored
     with pytest.raises(ConfigError) as err:
         run(train_cfg(records, tmp_path / "w6", schedule={"eval_interval": 2, "eval_max_batches": 3}))

@@ -369,6 +369,10 @@ class TrainRecipe:
             config=self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
         )
 
+    def _config_error(self, key: str, message: str) -> None:
+        """Raise a setup finding as a config error (the CLI's exit 2 with its message, no traceback)."""
+        raise ConfigError([Problem(key, message)], str(self.config_path) if self.config_path else None)
+
     def _eval_section_problems(self) -> list[Problem]:
         """The ``eval`` section checked before training (not found out at the first evaluation, hours later)."""
         from cambrian_core.eval.loaders import DataLayoutError, benchmark
@@ -479,10 +483,11 @@ class TrainRecipe:
                 i for i, t in enumerate(model.towers) if any(p.requires_grad for p in t.parameters())
             ]
             if trainable:
-                raise ValueError(
-                    f"data.feature_cache is set but stage `{stage}` trains towers {trainable}; cached features "
-                    "would go stale at the first update. Use the cache only with frozen towers (pretrain, or "
-                    "finetune with freeze=True towers)"
+                self._config_error(
+                    "data.feature_cache",
+                    f"is set but stage `{stage}` trains towers {trainable}; cached features would go stale at the "
+                    "first update. Use the cache only with frozen towers (pretrain, or finetune with freeze=True "
+                    "towers)",
                 )
         self.flops = FlopsCounter(model, cached_towers=self.cached) if self.logcfg.mfu else None
         self.model = model
@@ -504,9 +509,10 @@ class TrainRecipe:
             )
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ValueError(
-                f"load_from={path}: {len(result.unexpected_keys)} weights do not fit this model "
-                f"(e.g. {result.unexpected_keys[:3]}); is it the same architecture?"
+            self._config_error(
+                "load_from",
+                f"{path}: {len(result.unexpected_keys)} weights do not fit this model "
+                f"(e.g. {result.unexpected_keys[:3]}); is it the same architecture?",
             )
         self.announce(
             f"setup: loaded {len(state)} tensors from {path} ({len(result.missing_keys)} kept from the config)"
@@ -690,9 +696,10 @@ class TrainRecipe:
             )
         micro = len(self.sampler)  # micro-batches per rank and epoch
         if micro < s.grad_accum:
-            raise ValueError(
-                f"one epoch has {micro} micro-batches per rank, fewer than schedule.grad_accum="
-                f"{s.grad_accum}; lower grad_accum or the batch size"
+            self._config_error(
+                "schedule.grad_accum",
+                f"{s.grad_accum} but one epoch has {micro} micro-batches per rank; lower grad_accum or "
+                "data.batch_size",
             )
         self.updates_per_epoch = -(-micro // s.grad_accum)  # a shorter last window still makes an update
         if micro % s.grad_accum:
