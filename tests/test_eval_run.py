@@ -239,33 +239,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def eval_argv(data: Path, model: str, out: Path, limit: str, *extra: str) -> list[str]:
+    """``cambrian eval jsonl`` over ``data`` with ``model`` into ``out``, the first ``limit`` items."""
+    return [
+        "eval",
+        "jsonl",
+        "--data",
+        str(data),
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--limit",
+        limit,
+        *extra,
+    ]
+
+
 def test_cli_with_the_tiny_model_writes_every_output(
     dicom_set: Path, tiny_model_dir: str, tmp_path: Path, capsys
 ) -> None:
     from cambrian_core.cli import main
 
     out = tmp_path / "res"
-    argv = [
-        "eval",
-        "jsonl",
-        "--data",
-        str(dicom_set),
-        "--model",
-        tiny_model_dir,
-        "--out",
-        str(out),
-        "--limit",
-        "8",
-        "--batch-size",
-        "4",
-        "--max-new-tokens",
-        "3",
-        "--bootstrap",
-        "50",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    argv = eval_argv(dicom_set, tiny_model_dir, out, "8", "--batch-size", "4", "--max-new-tokens", "3")
+    argv += ["--bootstrap", "50", "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "generated 8, failed 0" in printed and "closed accuracy (strict)" in printed
@@ -360,18 +358,7 @@ def test_cli_pins_dtype_quantisation_towers_and_weights(
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     out = tmp_path / "res"
-    argv = [
-        "eval",
-        "jsonl",
-        "--data",
-        str(dicom_set),
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--limit",
-        "2",
-    ]
+    argv = eval_argv(dicom_set, str(model), out, "2")
     argv += ["--max-new-tokens", "2", "--bootstrap", "10", "--device", "cpu", "--no-progress"]
     from cambrian_core.cli import main
 
